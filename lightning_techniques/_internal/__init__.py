@@ -1,0 +1,60 @@
+"""The shared mechanisms every technique uses (DESIGN.md section 4). One of each, nothing technique-specific.
+
+* :mod:`.loss_terms` - add a term to the training loss without editing ``training_step``.
+* :mod:`.criterion` - find and reconfigure the module's criterion attribute (class weights, label smoothing ...).
+* :mod:`.sampling` - steer which samples the train loader yields, correct under DDP and mid-epoch resume.
+* :mod:`.batch_transforms` - transform the on-device batch at train (and eval/predict) time.
+* :mod:`.eval_grad` - gradient work inside Lightning's ``inference_mode`` evaluation.
+* :mod:`.artifacts` - images / figures / tables / arrays to whatever logger is attached, or to files.
+* :mod:`.distributed` - rank-0 work + broadcast, all-reduced statistics, agreed decisions.
+* :mod:`.batch` - the input/target of a tuple, list, dict or tensor batch.
+* :mod:`.validation` - argument checks with messages that name the argument and what is allowed.
+"""
+
+from lightning_techniques._internal.artifacts import ArtifactLogger, artifact_dir, atomic_torch_save, atomic_write_bytes
+from lightning_techniques._internal.batch import get_inputs, get_targets, set_inputs, set_targets
+from lightning_techniques._internal.batch_transforms import add_batch_transform, current_stage
+from lightning_techniques._internal.criterion import CriterionHandle, find_criterion
+from lightning_techniques._internal.distributed import (
+    agree_all,
+    agree_any,
+    all_reduce_max,
+    all_reduce_min,
+    all_reduce_sum,
+    broadcast_module_,
+    broadcast_object,
+    is_distributed,
+)
+from lightning_techniques._internal.eval_grad import gradients_enabled, usable_tensor
+from lightning_techniques._internal.loss_terms import add_loss_term, registered_loss_terms
+from lightning_techniques._internal.sampling import SamplerSteering, SteeredSampler, seeded_permutation
+
+__all__ = [
+    "ArtifactLogger",
+    "CriterionHandle",
+    "SamplerSteering",
+    "SteeredSampler",
+    "add_batch_transform",
+    "add_loss_term",
+    "agree_all",
+    "agree_any",
+    "all_reduce_max",
+    "all_reduce_min",
+    "all_reduce_sum",
+    "artifact_dir",
+    "atomic_torch_save",
+    "atomic_write_bytes",
+    "broadcast_module_",
+    "broadcast_object",
+    "current_stage",
+    "find_criterion",
+    "get_inputs",
+    "get_targets",
+    "gradients_enabled",
+    "is_distributed",
+    "registered_loss_terms",
+    "seeded_permutation",
+    "set_inputs",
+    "set_targets",
+    "usable_tensor",
+]

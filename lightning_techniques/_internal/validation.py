@@ -1,0 +1,52 @@
+"""Argument checks shared by every technique's ``__init__``: each raises naming the argument and what is allowed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of {choices}.")
+    return value
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    integer: bool = False,
+) -> Any:
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise TypeError(f"{name} must be {kind}, got {value!r} ({type(value).__name__}).")
+    if not integer and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}.")
+    lo_ok = low is None or (value >= low if low_inclusive else value > low)
+    hi_ok = high is None or (value <= high if high_inclusive else value < high)
+    if not (lo_ok and hi_ok):
+        left = "-inf" if low is None else f"{low}"
+        right = "inf" if high is None else f"{high}"
+        bracket = ("[" if low_inclusive and low is not None else "(") + left + ", " + right
+        bracket += "]" if high_inclusive and high is not None else ")"
+        raise ValueError(f"{name} must be {kind} in {bracket}, got {value!r}.")
+    return value
+
+
+def check_positive(name: str, value: Any, integer: bool = False) -> Any:
+    return check_number(name, value, low=0, low_inclusive=False, integer=integer)
+
+
+def check_non_negative(name: str, value: Any, integer: bool = False) -> Any:
+    return check_number(name, value, low=0, integer=integer)
+
+
+def check_probability(name: str, value: Any) -> Any:
+    return check_number(name, value, low=0.0, high=1.0)

@@ -1,0 +1,29 @@
+"""The bundled demo: real data shipped with scikit-learn, small models, and the LightningCLI entry point."""
+
+from lightning_techniques.demo.data import (
+    BreastCancerDataModule,
+    DigitsDataModule,
+    EpochShuffleSampler,
+    LabeledTensorDataset,
+)
+from lightning_techniques.demo.models import (
+    ClassifierModule,
+    DeepMLP,
+    DigitsCNN,
+    SelfAttention,
+    TabularMLP,
+    TinyTransformer,
+)
+
+__all__ = [
+    "BreastCancerDataModule",
+    "ClassifierModule",
+    "DeepMLP",
+    "DigitsCNN",
+    "DigitsDataModule",
+    "EpochShuffleSampler",
+    "LabeledTensorDataset",
+    "SelfAttention",
+    "TabularMLP",
+    "TinyTransformer",
+]

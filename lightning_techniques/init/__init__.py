@@ -1,0 +1,5 @@
+"""Initialisation techniques."""
+
+from lightning_techniques.init.lsuv import LSUVInit, lsuv_init
+
+__all__ = ["LSUVInit", "lsuv_init"]

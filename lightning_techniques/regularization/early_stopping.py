@@ -1,0 +1,208 @@
+"""Early stopping that restores the best weights (Keras' ``restore_best_weights``, refused upstream in #1415)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.callbacks import EarlyStopping as _LightningEarlyStopping
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_techniques._internal.artifacts import atomic_torch_save
+from lightning_techniques._internal.distributed import broadcast_object
+from lightning_techniques._internal.validation import check_choice
+
+
+def snapshot_state(module: nn.Module) -> dict[str, Tensor]:
+    """A detached CPU copy of ``module.state_dict()`` (the functional core of best-weight keeping)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def restore_state(module: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy ``state`` into ``module`` in place (parameters keep their identity, so optimizers stay valid)."""
+    module.load_state_dict(state, strict=True)
+
+
+class EarlyStopping(_LightningEarlyStopping):
+    """Lightning's ``EarlyStopping`` (same arguments, same state key) that also restores the best weights.
+
+    When training ends - because this callback stopped it, or ``max_epochs``/``max_steps`` was reached - the module's
+    weights are set back to those of the best monitored score, as Keras' ``restore_best_weights`` does (Prechelt,
+    "Early Stopping - But When?", 1998, recommends exactly this: keep the model of the lowest validation error).
+
+    Under DDP all ranks evaluate rank 0's value of the monitored metric, so best score, patience counter, stop
+    decision and restored weights agree on every rank (log the metric with ``sync_dist=True`` for the mean over
+    ranks). The best weights survive checkpoint/resume: with ``best_weights_storage="cpu"`` they are part of this
+    callback's checkpoint state; with ``"disk"`` each rank keeps them in ``best_weights_dir`` (default:
+    ``<default_root_dir>/early_stopping``) and the checkpoint stores the path.
+
+    Args:
+        restore_best_weights: restore the best weights at the end of training (default True).
+        best_weights_storage: ``"cpu"`` (in memory, saved inside checkpoints) or ``"disk"`` (a file per rank).
+        best_weights_dir: directory for ``"disk"`` storage.
+        **kwargs: every argument of :class:`lightning.pytorch.callbacks.EarlyStopping` (``monitor``, ``mode``,
+            ``patience``, ``min_delta``, ``check_finite``, ``stopping_threshold`` ...).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[EarlyStopping(monitor="val_loss", patience=3)])
+        trainer.fit(model, datamodule=dm)   # model now holds the best-val_loss weights
+
+    Limits: only model weights are restored (not optimizer state); FSDP/DeepSpeed sharded weights are refused.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        min_delta: float = 0.0,
+        patience: int = 3,
+        verbose: bool = False,
+        mode: str = "min",
+        strict: bool = True,
+        check_finite: bool = True,
+        stopping_threshold: float | None = None,
+        divergence_threshold: float | None = None,
+        check_on_train_epoch_end: bool | None = None,
+        log_rank_zero_only: bool = False,
+        restore_best_weights: bool = True,
+        best_weights_storage: Literal["cpu", "disk"] = "cpu",
+        best_weights_dir: str | None = None,
+    ) -> None:
+        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 0:
+            raise ValueError(f"patience must be a non-negative integer, got {patience!r}.")
+        check_choice("mode", mode, ["min", "max"])
+        check_choice("best_weights_storage", best_weights_storage, ["cpu", "disk"])
+        if best_weights_dir is not None and best_weights_storage != "disk":
+            raise ValueError("best_weights_dir is only used with best_weights_storage='disk'.")
+        super().__init__(
+            monitor=monitor,
+            min_delta=min_delta,
+            patience=patience,
+            verbose=verbose,
+            mode=mode,
+            strict=strict,
+            check_finite=check_finite,
+            stopping_threshold=stopping_threshold,
+            divergence_threshold=divergence_threshold,
+            check_on_train_epoch_end=check_on_train_epoch_end,
+            log_rank_zero_only=log_rank_zero_only,
+        )
+        self.restore_best_weights = restore_best_weights
+        self.best_weights_storage = best_weights_storage
+        self.best_weights_dir = best_weights_dir
+        self.best_weights: dict[str, Tensor] | None = None  # cpu storage
+        self.best_weights_path: str | None = None  # disk storage
+        self.best_epoch: int = -1
+        self.best_step: int = -1
+        self.restored: bool = False
+        self._rank = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        strategy_name = type(trainer.strategy).__name__.lower()
+        if self.restore_best_weights and ("fsdp" in strategy_name or "deepspeed" in strategy_name):
+            raise ValueError(
+                f"EarlyStopping(restore_best_weights=True) does not support {type(trainer.strategy).__name__}: "
+                "sharded weights cannot be snapshotted per rank. Use restore_best_weights=False with ModelCheckpoint."
+            )
+        self._rank = trainer.global_rank
+        if self.best_weights_storage == "disk" and self.best_weights_dir is None:
+            self.best_weights_dir = str(Path(trainer.default_root_dir) / "early_stopping")
+
+    def _run_early_stopping_check(self, trainer: Any) -> None:
+        logs = trainer.callback_metrics
+        if trainer.fast_dev_run or not self._validate_condition_metric(logs):
+            return
+        # every rank decides on rank 0's value, so the state below is identical on all ranks
+        current = logs[self.monitor].squeeze().detach().float().cpu()
+        current = torch.tensor(broadcast_object(trainer.strategy, current.item()))
+        previous_best = self.best_score
+        should_stop, reason = self._evaluate_stopping_criteria(current)
+        improved = self.best_score is current and self.best_score is not previous_best
+        should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
+        trainer.should_stop = trainer.should_stop or should_stop
+        if should_stop:
+            self.stopped_epoch = trainer.current_epoch
+            self.stopping_reason_message = reason
+        if reason and self.verbose:
+            self._log_info(trainer, reason, self.log_rank_zero_only)
+        if improved and self.restore_best_weights:
+            self._save_best(trainer)
+
+    def _save_best(self, trainer: Any) -> None:
+        state = snapshot_state(trainer.lightning_module)
+        self.best_epoch = int(trainer.current_epoch)
+        self.best_step = int(trainer.global_step)
+        if self.best_weights_storage == "cpu":
+            self.best_weights = state
+            return
+        assert self.best_weights_dir is not None
+        path = Path(self.best_weights_dir) / f"best_weights_rank{trainer.global_rank}.pt"
+        atomic_torch_save(state, path)
+        self.best_weights_path = str(path)
+
+    def _load_best(self) -> dict[str, Tensor] | None:
+        if self.best_weights_storage == "cpu":
+            return self.best_weights
+        if self.best_weights_path is None:
+            return None
+        return torch.load(self.best_weights_path, map_location="cpu", weights_only=True)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self.restore_best_weights:
+            return
+        state = self._load_best()
+        if state is None:
+            rank_zero_warn(
+                f"EarlyStopping: no value of {self.monitor!r} was ever recorded, so there are no best weights to "
+                "restore; the model keeps its final weights."
+            )
+            return
+        restore_state(pl_module, state)
+        self.restored = True
+        rank_zero_info(
+            f"EarlyStopping: restored the weights of epoch {self.best_epoch} (step {self.best_step}) with "
+            f"{self.monitor}={float(self.best_score):.6g}."
+        )
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            best_epoch=self.best_epoch,
+            best_step=self.best_step,
+            best_weights_storage=self.best_weights_storage,
+            best_weights=self.best_weights if self.best_weights_storage == "cpu" else None,
+            best_weights_path=self.best_weights_path,
+        )
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.best_epoch = int(state_dict.get("best_epoch", -1))
+        self.best_step = int(state_dict.get("best_step", -1))
+        stored = state_dict.get("best_weights_storage", self.best_weights_storage)
+        weights = state_dict.get("best_weights")
+        path = state_dict.get("best_weights_path")
+        if path is not None and self._rank != 0:
+            # the checkpoint holds rank 0's path; this rank kept its own file beside it
+            path = str(Path(path).with_name(f"best_weights_rank{self._rank}.pt"))
+        if stored == "disk" and path is not None and self.restore_best_weights and not os.path.exists(path):
+            raise FileNotFoundError(
+                f"EarlyStopping: the checkpoint's best weights file {path} is missing. Restore it, or resume with "
+                "restore_best_weights=False."
+            )
+        if self.best_weights_storage == "cpu":
+            self.best_weights = weights if weights is not None else (
+                torch.load(path, map_location="cpu", weights_only=True) if path else None
+            )
+        else:
+            self.best_weights_path = path
+            if weights is not None and self.best_weights_dir is not None:
+                # a checkpoint written with cpu storage, resumed with disk storage: move the weights to disk
+                target = Path(self.best_weights_dir) / f"best_weights_rank{self._rank}.pt"
+                self.best_weights_path = str(atomic_torch_save(weights, target))

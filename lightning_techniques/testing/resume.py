@@ -1,0 +1,116 @@
+"""Exact-resume check: N steps straight vs. N/2 steps + checkpoint + resume for N/2, in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+_SKIP_STATE_KEYS = ("time", "_time", "elapsed")
+
+
+def _to_comparable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, Mapping):
+        return {k: _to_comparable(v) for k, v in value.items() if str(k) not in _SKIP_STATE_KEYS}
+    if isinstance(value, (list, tuple)):
+        return [_to_comparable(v) for v in value]
+    return value
+
+
+def assert_same(a: Any, b: Any, path: str = "", atol: float = 0.0) -> None:
+    """Recursive equality of nested dicts/lists/tensors (bit-exact when ``atol == 0``); raises AssertionError
+    naming the first differing path."""
+    a, b = _to_comparable(a), _to_comparable(b)
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), f"{path}: {type(a)} vs {type(b)}"
+        assert a.shape == b.shape, f"{path}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        if atol == 0.0:
+            same = torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
+                                         and torch.equal(a.nan_to_num(), b.nan_to_num()))
+            assert same, f"{path}: tensors differ (max abs diff {(a.double() - b.double()).abs().max().item():.3g})"
+        else:
+            assert torch.allclose(a.double(), b.double(), atol=atol, rtol=0.0, equal_nan=True), f"{path}: not close"
+        return
+    if isinstance(a, dict):
+        assert isinstance(b, dict), f"{path}: dict vs {type(b).__name__}"
+        assert set(a) == set(b), f"{path}: keys differ: {sorted(map(str, set(a) ^ set(b)))}"
+        for key in a:
+            assert_same(a[key], b[key], f"{path}.{key}" if path else str(key), atol)
+        return
+    if isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), f"{path}: lists differ in length or type"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]", atol)
+        return
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:  # both NaN
+        return
+    assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def _callback_states(callbacks: Sequence[Callback]) -> dict[str, Any]:
+    return {cb.state_key: cb.state_dict() for cb in callbacks}
+
+
+def assert_exact_resume(
+    make_module: Callable[[], L.LightningModule],
+    make_datamodule: Callable[[], L.LightningDataModule],
+    make_callbacks: Callable[[], list[Callback]],
+    tmp_path: str | Path,
+    total_steps: int = 8,
+    split_step: int | None = None,
+    seed: int = 0,
+    atol: float = 0.0,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+    compare_state: bool = True,
+) -> dict[str, Any]:
+    """Train ``total_steps`` straight; train ``split_step`` (default half), save a checkpoint, resume in fresh
+    objects to ``total_steps``; assert identical module weights and identical callback states.
+
+    Every object is built fresh by the factories (as a new process would). ``trainer_kwargs`` are added to both
+    Trainers (e.g. ``precision``, ``accumulate_grad_batches``, ``val_check_interval``). Returns the straight run's
+    ``{"module": ..., "callbacks": [...], "trainer": ...}`` for further assertions.
+    """
+    tmp_path = Path(tmp_path)
+    split = total_steps // 2 if split_step is None else split_step
+    if not 0 < split < total_steps:
+        raise ValueError(f"split_step={split} must be in (0, total_steps={total_steps}).")
+    base = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        num_sanity_val_steps=0,
+    )
+    base.update(trainer_kwargs or {})
+
+    def run(max_steps: int, root: str, ckpt_path: str | None = None, save: str | None = None) -> dict[str, Any]:
+        L.seed_everything(seed, verbose=False)
+        module, datamodule, callbacks = make_module(), make_datamodule(), make_callbacks()
+        trainer = L.Trainer(max_steps=max_steps, default_root_dir=str(tmp_path / root), callbacks=callbacks, **base)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if save is not None:
+            trainer.save_checkpoint(save)
+        return {"module": module, "callbacks": callbacks, "trainer": trainer}
+
+    straight = run(total_steps, "straight")
+    ckpt = str(tmp_path / "half.ckpt")
+    run(split, "first_half", save=ckpt)
+    resumed = run(total_steps, "resumed", ckpt_path=ckpt)
+
+    assert straight["trainer"].global_step == resumed["trainer"].global_step == total_steps, (
+        f"global_step: straight {straight['trainer'].global_step}, resumed {resumed['trainer'].global_step}, "
+        f"expected {total_steps}"
+    )
+    assert_same(straight["module"].state_dict(), resumed["module"].state_dict(), "module", atol)
+    if compare_state:
+        assert_same(_callback_states(straight["callbacks"]), _callback_states(resumed["callbacks"]), "callbacks", atol)
+    return straight

@@ -53,6 +53,19 @@ def assert_same(a: Any, b: Any, path: str = "", atol: float = 0.0) -> None:
     assert a == b, f"{path}: {a!r} != {b!r}"
 
 
+class _SaveAtStep(Callback):
+    """Saves a checkpoint at the end of the training batch that completes ``step`` optimizer steps - where a
+    ``ModelCheckpoint(every_n_train_steps=...)`` or a crash-recovery checkpoint would be written."""
+
+    def __init__(self, step: int, path: str) -> None:
+        self.step = step
+        self.path = path
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step and not Path(self.path).exists():
+            trainer.save_checkpoint(self.path)
+
+
 def _callback_states(callbacks: Sequence[Callback]) -> dict[str, Any]:
     return {cb.state_key: cb.state_dict() for cb in callbacks}
 
@@ -69,8 +82,10 @@ def assert_exact_resume(
     trainer_kwargs: Mapping[str, Any] | None = None,
     compare_state: bool = True,
 ) -> dict[str, Any]:
-    """Train ``total_steps`` straight; train ``split_step`` (default half), save a checkpoint, resume in fresh
-    objects to ``total_steps``; assert identical module weights and identical callback states.
+    """Train ``total_steps`` straight; train ``split_step`` (default half) with a checkpoint written at the end of
+    that step's batch (as ``ModelCheckpoint(every_n_train_steps=...)`` does, so ``split_step`` may fall mid-epoch),
+    resume in fresh objects to ``total_steps`` (loading with ``weights_only=True``); assert identical module
+    weights and identical callback states.
 
     Every object is built fresh by the factories (as a new process would). ``trainer_kwargs`` are added to both
     Trainers (e.g. ``precision``, ``accumulate_grad_batches``, ``val_check_interval``). Returns the straight run's
@@ -95,15 +110,18 @@ def assert_exact_resume(
     def run(max_steps: int, root: str, ckpt_path: str | None = None, save: str | None = None) -> dict[str, Any]:
         L.seed_everything(seed, verbose=False)
         module, datamodule, callbacks = make_module(), make_datamodule(), make_callbacks()
-        trainer = L.Trainer(max_steps=max_steps, default_root_dir=str(tmp_path / root), callbacks=callbacks, **base)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        if save is not None:
-            trainer.save_checkpoint(save)
+        extra = [_SaveAtStep(split, save)] if save is not None else []
+        trainer = L.Trainer(
+            max_steps=max_steps, default_root_dir=str(tmp_path / root), callbacks=callbacks + extra, **base
+        )
+        # the checkpoint is loaded the safe way (DESIGN.md section 7): technique state must be plain data
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
         return {"module": module, "callbacks": callbacks, "trainer": trainer}
 
     straight = run(total_steps, "straight")
     ckpt = str(tmp_path / "half.ckpt")
     run(split, "first_half", save=ckpt)
+    assert Path(ckpt).exists(), f"no checkpoint was written at step {split}"
     resumed = run(total_steps, "resumed", ckpt_path=ckpt)
 
     assert straight["trainer"].global_step == resumed["trainer"].global_step == total_steps, (

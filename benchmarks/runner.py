@@ -1,0 +1,112 @@
+"""Side-by-side measurement helpers shared by every benchmark script (DESIGN.md section 6).
+
+A benchmark runs the technique and its baseline in **one** process, interleaved (round-robin) so that machine
+noise hits both alike, and reports ratios. Results are written into ``benchmarks/RESULTS.md`` between markers
+``<!-- BEGIN name -->`` / ``<!-- END name -->`` by :func:`record`, with the machine, versions and date: numbers are
+never edited by hand.
+
+Run a benchmark from the repository root: ``python -m benchmarks.overhead``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def machine_info() -> dict[str, str]:
+    """Machine, core count, Python/torch/lightning versions, device and date, for the results header."""
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
+    return {
+        "machine": f"{platform.machine()} {platform.processor() or platform.system()}",
+        "cores": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "device": device,
+        "date": _dt.date.today().isoformat(),
+    }
+
+
+class StepTimer(Callback):
+    """Wall time of each training step (``on_train_batch_start`` -> ``on_train_batch_end``), in seconds."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def side_by_side(variants: Mapping[str, Callable[[], Any]], repeats: int = 5) -> dict[str, list[Any]]:
+    """Call every variant ``repeats`` times, round-robin (A B C A B C ...); return ``{name: [results]}``."""
+    results: dict[str, list[Any]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            results[name].append(fn())
+    return results
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def quiet_trainer(**kwargs: Any) -> L.Trainer:
+    """A Trainer without logger, checkpoints, progress bar or summary (for measurements)."""
+    base = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    base.update(kwargs)
+    return L.Trainer(**base)
+
+
+def markdown_table(rows: list[Mapping[str, Any]]) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for c in columns:
+            v = row.get(c, "")
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def record(name: str, title: str, body: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the section ``name`` of RESULTS.md with ``title``, the machine header and ``body``."""
+    info = machine_info()
+    header = ", ".join(f"{k}: {v}" for k, v in info.items())
+    section = f"<!-- BEGIN {name} -->\n## {title}\n\n_{header}_\n\n{body.strip()}\n<!-- END {name} -->"
+    text = path.read_text() if path.exists() else "# Benchmark results\n\nWritten by the scripts in `benchmarks/`; never edited by hand.\n"
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    if begin in text and end in text:
+        before = text[: text.index(begin)]
+        after = text[text.index(end) + len(end):]
+        text = before + section + after
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+    print(section)

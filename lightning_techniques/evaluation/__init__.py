@@ -1,0 +1,3 @@
+"""Evaluation reports and importance measures."""
+
+__all__: list[str] = []

@@ -5,6 +5,7 @@ from lightning_techniques.demo.data import (
     DigitsDataModule,
     EpochShuffleSampler,
     LabeledTensorDataset,
+    ResumableDataLoader,
 )
 from lightning_techniques.demo.models import (
     ClassifierModule,
@@ -23,6 +24,7 @@ __all__ = [
     "DigitsDataModule",
     "EpochShuffleSampler",
     "LabeledTensorDataset",
+    "ResumableDataLoader",
     "SelfAttention",
     "TabularMLP",
     "TinyTransformer",

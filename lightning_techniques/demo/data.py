@@ -36,16 +36,52 @@ class EpochShuffleSampler(Sampler[int]):
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.epoch = 0
+        self._skip: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def resume_at(self, epoch: int, consumed: int) -> None:
+        """On the next iteration of ``epoch`` skip the first ``consumed`` indices (mid-epoch resume)."""
+        self._skip = (int(epoch), int(consumed)) if consumed > 0 else None
+
     def __iter__(self):  # type: ignore[override]
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        if self._skip is not None and self._skip[0] == self.epoch:
+            order = order[self._skip[1] :]
+            self._skip = None
+        return iter(order)
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning checkpoints (it implements ``state_dict``/``load_state_dict``), so a run resumed
+    from a mid-epoch checkpoint continues the epoch exactly where it stopped instead of restarting it.
+
+    The position is read from the Trainer's own progress counters (batches *consumed* by the loop), not from the
+    iterator, which Lightning's fetcher runs one batch ahead. The sampler must provide ``resume_at(epoch, n)``
+    (:class:`EpochShuffleSampler` and the sampler-steering mechanism's sampler do).
+    """
+
+    def __init__(self, *args: Any, datamodule: L.LightningDataModule | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.datamodule = datamodule
+
+    def state_dict(self) -> dict[str, int]:
+        trainer = getattr(self.datamodule, "trainer", None)
+        if trainer is None:
+            return {"epoch": 0, "batches": 0}
+        loop = trainer.fit_loop
+        return {"epoch": int(loop.epoch_progress.current.processed),
+                "batches": int(loop.epoch_loop.batch_progress.current.ready)}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        resume_at = getattr(self.sampler, "resume_at", None)
+        if resume_at is not None and self.batch_size is not None:
+            resume_at(int(state_dict["epoch"]), int(state_dict["batches"]) * self.batch_size)
 
 
 def _split(n: int, val_fraction: float, test_fraction: float, seed: int, labels: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -89,7 +125,9 @@ class _SplitDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None
         sampler = EpochShuffleSampler(len(self.train_dataset), seed=self.seed)
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        return ResumableDataLoader(
+            self.train_dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, datamodule=self
+        )
 
     def _eval_loader(self, dataset: Any) -> DataLoader:
         return DataLoader(dataset, batch_size=256, shuffle=False, num_workers=self.num_workers)

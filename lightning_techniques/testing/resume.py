@@ -106,13 +106,14 @@ def assert_exact_resume(
         num_sanity_val_steps=0,
     )
     base.update(trainer_kwargs or {})
+    shared_root = base.pop("default_root_dir", None)  # one directory for all three runs when given
 
     def run(max_steps: int, root: str, ckpt_path: str | None = None, save: str | None = None) -> dict[str, Any]:
         L.seed_everything(seed, verbose=False)
         module, datamodule, callbacks = make_module(), make_datamodule(), make_callbacks()
         extra = [_SaveAtStep(split, save)] if save is not None else []
         trainer = L.Trainer(
-            max_steps=max_steps, default_root_dir=str(tmp_path / root), callbacks=callbacks + extra, **base
+            max_steps=max_steps, default_root_dir=str(shared_root or tmp_path / root), callbacks=callbacks + extra, **base
         )
         # the checkpoint is loaded the safe way (DESIGN.md section 7): technique state must be plain data
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)

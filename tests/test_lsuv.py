@@ -45,7 +45,7 @@ def test_core_gives_unit_variance_outputs_on_deep_mlp() -> None:
     model = DeepMLP(depth=20)
     x = _digits_batch()
     before = _output_variances(model, x)
-    assert before["net.37"] < 0.05 * before["net.1"], "the default init shrinks activations through 20 ReLU layers"
+    assert before["net.37"] < 0.2 * before["net.1"], "the default init shrinks activations through 20 ReLU layers"
     reports = lsuv_init(model, x, tolerance=0.05)
     after = _output_variances(model, x)
     assert len(reports) == 20 and all(r.converged for r in reports)

@@ -252,9 +252,9 @@ def test_sampler_steering_yields_the_plan_and_resumes_mid_epoch(tmp_path: Path) 
 def test_two_sampler_owners_conflict() -> None:
     trainer = _trainer(max_steps=1)
     trainer.fit_loop._data_source = type("S", (), {"dataloader": lambda self: None})()
-    first = SamplerSteering(trainer, lambda d, l: (lambda e: [], 0), owner="A")
+    first = SamplerSteering(trainer, lambda d, loader: (lambda e: [], 0), owner="A")
     with pytest.raises(RuntimeError, match="A both want"):
-        SamplerSteering(trainer, lambda d, l: (lambda e: [], 0), owner="B")
+        SamplerSteering(trainer, lambda d, loader: (lambda e: [], 0), owner="B")
     first.remove()
 
 

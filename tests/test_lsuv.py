@@ -176,6 +176,13 @@ def test_bad_arguments_and_misuse() -> None:
         )
 
 
+def test_no_training_batch_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="limit_train_batches=0"):
+        _trainer(max_steps=1, limit_train_batches=0, callbacks=[LSUVInit()]).fit(
+            DigitsCNN(channels=4), datamodule=DigitsDataModule()
+        )
+
+
 def test_batch_without_input_is_a_clear_error() -> None:
     class DictModel(DigitsCNN):
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

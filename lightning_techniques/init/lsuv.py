@@ -268,6 +268,8 @@ class LSUVInit(Callback):
         name = type(trainer.strategy).__name__.lower()
         if "fsdp" in name or "deepspeed" in name:
             raise ValueError(f"LSUVInit does not support {type(trainer.strategy).__name__} (sharded weights).")
+        if stage == "fit" and not self.done and trainer.limit_train_batches == 0:
+            raise ValueError("LSUVInit needs a training batch to initialise on, but limit_train_batches=0.")
         if stage == "fit" and not self.done:
             # misuse is reported before the first step: the layer selection must match something
             if not select_layers(pl_module, self.layer_types, self.include, self.exclude):

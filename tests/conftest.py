@@ -25,6 +25,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp_dir(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own temporary working directory, so a Trainer without ``default_root_dir`` (which
+    defaults to the working directory) never writes logs or artefacts into the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def trainer_kwargs() -> dict:
     """Quiet single-CPU Trainer settings for integration tests."""

@@ -20,6 +20,12 @@ The mechanism:
   sampler yields only the remaining positions of that epoch while reporting the full epoch length (so Lightning's
   epoch accounting is unchanged).
 
+When the plan is called: ``plan(epoch)`` runs when the loader is iterated, i.e. for the first (or resumed) epoch
+inside Lightning's ``FitLoop.setup_data()`` - before ``on_train_start`` and ``on_train_epoch_start`` - and for later
+epochs at the start of each epoch. Work a plan needs before its first epoch (scoring samples) must therefore run
+lazily inside the plan (or in ``setup``). The plan is not told how many optimizer steps preceded its epoch; a
+step-paced technique keeps that count in its own state.
+
 A technique owns one :class:`SamplerSteering`, creates it in ``setup(stage="fit")``, includes its state in the
 callback's ``state_dict`` and calls :meth:`~SamplerSteering.remove` in ``teardown``. Only one technique can steer the
 train sampler of a run; a second raises a clear error.

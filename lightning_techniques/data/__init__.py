@@ -1,3 +1,36 @@
 """Data-side techniques: curriculum learning and class imbalance."""
 
-__all__: list[str] = []
+from lightning_techniques.data.curriculum import (
+    CurriculumLearning,
+    CurriculumSampler,
+    curriculum_order,
+    difficulty_ranking,
+    pacing_fraction,
+    per_sample_losses,
+)
+from lightning_techniques.data.imbalance import (
+    ClassWeightedLoss,
+    FocalLoss,
+    Oversampling,
+    class_weights,
+    sample_weights,
+    weighted_draw,
+)
+from lightning_techniques.data.labels import class_counts, find_labels
+
+__all__: list[str] = [
+    "ClassWeightedLoss",
+    "CurriculumLearning",
+    "CurriculumSampler",
+    "FocalLoss",
+    "Oversampling",
+    "class_counts",
+    "class_weights",
+    "curriculum_order",
+    "difficulty_ranking",
+    "find_labels",
+    "pacing_fraction",
+    "per_sample_losses",
+    "sample_weights",
+    "weighted_draw",
+]

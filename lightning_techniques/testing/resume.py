@@ -90,6 +90,10 @@ def assert_exact_resume(
     Every object is built fresh by the factories (as a new process would). ``trainer_kwargs`` are added to both
     Trainers (e.g. ``precision``, ``accumulate_grad_batches``, ``val_check_interval``). Returns the straight run's
     ``{"module": ..., "callbacks": [...], "trainer": ...}`` for further assertions.
+
+    The first-half run stops through ``max_steps=split_step``: a technique that derives a length from
+    ``trainer.max_steps`` must be given that length explicitly in the test (or keep the value it resolved in its
+    checkpoint state, which is what a resumed user run needs anyway).
     """
     tmp_path = Path(tmp_path)
     split = total_steps // 2 if split_step is None else split_step

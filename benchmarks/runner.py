@@ -42,17 +42,32 @@ def machine_info() -> dict[str, str]:
 
 
 class StepTimer(Callback):
-    """Wall time of each training step (``on_train_batch_start`` -> ``on_train_batch_end``), in seconds."""
+    """Wall time of each training step, in seconds.
+
+    ``times``: ``on_train_batch_start`` -> ``on_train_batch_end`` (forward, backward, optimizer step and the
+    callbacks' batch hooks). ``intervals``: from one ``on_train_batch_end`` to the next, which also covers fetching
+    the batch, moving it to the device and the batch transforms run in ``on_after_batch_transfer`` (the first step
+    of each epoch has no interval).
+    """
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.intervals: list[float] = []
         self._start = 0.0
+        self._last_end: float | None = None
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._last_end = None
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.times.append(time.perf_counter() - self._start)
+        now = time.perf_counter()
+        self.times.append(now - self._start)
+        if self._last_end is not None:
+            self.intervals.append(now - self._last_end)
+        self._last_end = now
 
 
 def side_by_side(variants: Mapping[str, Callable[[], Any]], repeats: int = 5) -> dict[str, list[Any]]:

@@ -37,7 +37,7 @@ def run(depth: int, seed: int, steps: int, lsuv: bool) -> dict[str, float]:
     datamodule = DigitsDataModule(seed=seed)
     trainer = quiet_trainer(max_steps=steps, limit_val_batches=0, callbacks=([LSUVInit()] if lsuv else []) + [losses])
     trainer.fit(model, datamodule=datamodule)
-    (val,) = trainer.validate(model, datamodule=datamodule, verbose=False)
+    (val,) = quiet_trainer().validate(model, datamodule=datamodule, verbose=False)
     return {"loss": statistics.mean(losses.values[-20:]), "acc": val["val_acc"]}
 
 

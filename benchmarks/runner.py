@@ -14,6 +14,7 @@ import datetime as _dt
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -84,8 +85,10 @@ def median(values: list[float]) -> float:
 
 
 def quiet_trainer(**kwargs: Any) -> L.Trainer:
-    """A Trainer without logger, checkpoints, progress bar or summary (for measurements)."""
+    """A Trainer without logger, checkpoints, progress bar or summary (for measurements); files it might write
+    (artefacts) go to a temporary directory, never into the repository."""
     base = dict(
+        default_root_dir=tempfile.mkdtemp(prefix="lt-bench-"),
         accelerator="cpu",
         devices=1,
         logger=False,

@@ -32,4 +32,8 @@ def test_foundation_under_ddp(tmp_path: Path) -> None:
         assert not set(r0["indices"][step]) & set(r1["indices"][step])
     # batch transform applied on both ranks; helpers reduce/agree
     assert r0["inputs_mean"] == r1["inputs_mean"] == 1.0
+    # demo loader: a DistributedSampler Lightning leaves alone; mid-epoch resume was exact on each rank (asserted
+    # in the script) and the ranks agree
+    assert r0["sampler_type"] == "SteeredSampler"
+    assert_ranks_agree([r0, r1], ["resume_weights"])
     assert torch.equal(r0["sum"], torch.tensor([3.0], dtype=torch.float64)) and r0["any"] and r1["any"]

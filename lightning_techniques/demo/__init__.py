@@ -3,9 +3,10 @@
 from lightning_techniques.demo.data import (
     BreastCancerDataModule,
     DigitsDataModule,
-    EpochShuffleSampler,
+    EpochPermutation,
     LabeledTensorDataset,
     ResumableDataLoader,
+    epoch_shuffle_sampler,
 )
 from lightning_techniques.demo.models import (
     ClassifierModule,
@@ -22,10 +23,11 @@ __all__ = [
     "DeepMLP",
     "DigitsCNN",
     "DigitsDataModule",
-    "EpochShuffleSampler",
+    "EpochPermutation",
     "LabeledTensorDataset",
     "ResumableDataLoader",
     "SelfAttention",
     "TabularMLP",
     "TinyTransformer",
+    "epoch_shuffle_sampler",
 ]

@@ -7,8 +7,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from lightning_techniques._internal.sampling import SteeredSampler, seeded_permutation
 from lightning_techniques._internal.validation import check_number, check_positive
 
 
@@ -28,33 +29,25 @@ class LabeledTensorDataset(Dataset):
         return self.inputs[index], self.targets[index]
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """Shuffles with ``seed + epoch``: the order of an epoch does not depend on the global RNG or on what ran
-    before, so a run resumed from a checkpoint sees exactly the batches a straight run would have seen."""
+class EpochPermutation:
+    """Plan for :class:`~lightning_techniques._internal.sampling.SteeredSampler`: a permutation seeded with
+    ``seed + epoch``, so an epoch's order depends neither on the global RNG nor on what ran before (a run resumed from
+    a checkpoint sees exactly the batches a straight run would have seen)."""
 
     def __init__(self, num_samples: int, seed: int = 0) -> None:
         self.num_samples = int(num_samples)
         self.seed = int(seed)
-        self.epoch = 0
-        self._skip: tuple[int, int] | None = None
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def __call__(self, epoch: int) -> list[int]:
+        return seeded_permutation(self.num_samples, self.seed + epoch).tolist()
 
-    def resume_at(self, epoch: int, consumed: int) -> None:
-        """On the next iteration of ``epoch`` skip the first ``consumed`` indices (mid-epoch resume)."""
-        self._skip = (int(epoch), int(consumed)) if consumed > 0 else None
 
-    def __iter__(self):  # type: ignore[override]
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.num_samples, generator=generator).tolist()
-        if self._skip is not None and self._skip[0] == self.epoch:
-            order = order[self._skip[1] :]
-            self._skip = None
-        return iter(order)
-
-    def __len__(self) -> int:
-        return self.num_samples
+def epoch_shuffle_sampler(dataset: Dataset, seed: int = 0, trainer: Any = None) -> SteeredSampler:
+    """A shuffling train sampler that is a ``DistributedSampler`` (Lightning leaves it unwrapped under DDP, where each
+    rank takes a disjoint stride of the same global permutation) and resumes mid-epoch exactly."""
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    n = len(dataset)  # type: ignore[arg-type]
+    return SteeredSampler(dataset, EpochPermutation(n, seed), epoch_size=n, num_replicas=world, rank=rank)
 
 
 class ResumableDataLoader(DataLoader):
@@ -63,7 +56,7 @@ class ResumableDataLoader(DataLoader):
 
     The position is read from the Trainer's own progress counters (batches *consumed* by the loop), not from the
     iterator, which Lightning's fetcher runs one batch ahead. The sampler must provide ``resume_at(epoch, n)``
-    (:class:`EpochShuffleSampler` and the sampler-steering mechanism's sampler do).
+    (the sampler-steering mechanism's ``SteeredSampler`` does; :func:`epoch_shuffle_sampler` builds one).
     """
 
     def __init__(self, *args: Any, datamodule: L.LightningDataModule | None = None, **kwargs: Any) -> None:
@@ -124,7 +117,7 @@ class _SplitDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None
-        sampler = EpochShuffleSampler(len(self.train_dataset), seed=self.seed)
+        sampler = epoch_shuffle_sampler(self.train_dataset, seed=self.seed, trainer=self.trainer)
         return ResumableDataLoader(
             self.train_dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, datamodule=self
         )

@@ -60,10 +60,13 @@ class _SaveAtStep(Callback):
     def __init__(self, step: int, path: str) -> None:
         self.step = step
         self.path = path
+        self.saved = False
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step == self.step and not Path(self.path).exists():
+        # every rank calls save_checkpoint (it is collective under DDP); rank 0 writes the file
+        if trainer.global_step == self.step and not self.saved:
             trainer.save_checkpoint(self.path)
+            self.saved = True
 
 
 def _callback_states(callbacks: Sequence[Callback]) -> dict[str, Any]:
@@ -94,8 +97,14 @@ def assert_exact_resume(
     The first-half run stops through ``max_steps=split_step``: a technique that derives a length from
     ``trainer.max_steps`` must be given that length explicitly in the test (or keep the value it resolved in its
     checkpoint state, which is what a resumed user run needs anyway).
+
+    Lightning semantics to keep in mind when choosing ``split_step``: a validation due right after the split batch
+    (``val_check_interval``) is skipped by Lightning on resume, as it is for any ``ModelCheckpoint`` written at a
+    training-batch end; and a step-interval hook that would run after the batch reaching ``max_steps`` never runs.
+    Choose a split away from validations and epoch ends. Under DDP pass ``strategy``/``devices`` in
+    ``trainer_kwargs`` and a ``tmp_path`` that every rank sees.
     """
-    tmp_path = Path(tmp_path)
+    tmp_path = Path(tmp_path)  # under DDP: a directory every rank sees (the checkpoint is read by all ranks)
     split = total_steps // 2 if split_step is None else split_step
     if not 0 < split < total_steps:
         raise ValueError(f"split_step={split} must be in (0, total_steps={total_steps}).")

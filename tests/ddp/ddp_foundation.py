@@ -144,6 +144,16 @@ def main() -> None:
     result["dataset_len"] = len(t.datamodule.train_dataset)
     result["sum"] = all_reduce_sum(t.strategy, torch.tensor([float(rank + 1)], dtype=torch.float64))
     result["any"] = agree_any(t.strategy, rank == 1)
+
+    # 4. the demo's train loader under DDP: not re-wrapped by Lightning, and mid-epoch resume is exact on every rank
+    from lightning_techniques.testing import assert_exact_resume
+
+    straight = assert_exact_resume(
+        lambda: DigitsCNN(channels=4), DigitsDataModule, list, out / "resume", total_steps=14, split_step=5,
+        trainer_kwargs=dict(strategy="ddp", devices=2, limit_val_batches=0),
+    )
+    result["resume_weights"] = snapshot_state(straight["module"])
+    result["sampler_type"] = type(straight["trainer"].train_dataloader.sampler).__name__
     save_rank_result(out, rank, result)
 
 

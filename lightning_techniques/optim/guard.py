@@ -1,0 +1,165 @@
+"""Non-finite guard: skip an optimizer step whose gradients (or loss) are NaN/Inf, in any precision.
+
+Lightning declined this in upstream issue #4956; under ``16-mixed`` the GradScaler does it silently, in ``32`` and
+``bf16-mixed`` nothing does, and one NaN batch destroys the weights and the optimizer state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_techniques._internal.distributed import agree_any
+from lightning_techniques._internal.validation import check_choice, check_positive
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Raised by :class:`NonFiniteGuard` after too many consecutive skipped steps."""
+
+
+def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """Every parameter of every param group of ``optimizer`` (in order, without duplicates)."""
+    seen: set[int] = set()
+    params = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
+
+
+def nonfinite_gradients(parameters: Iterable[Tensor]) -> int:
+    """Number of parameters whose ``.grad`` holds at least one NaN or Inf (parameters without a grad are ignored)."""
+    count = 0
+    for p in parameters:
+        grad = p.grad
+        if grad is not None and not bool(torch.isfinite(grad).all()):
+            count += 1
+    return count
+
+
+def drop_gradients_(parameters: Iterable[Tensor]) -> None:
+    """Set every ``.grad`` to ``None``: ``torch.optim`` optimizers then skip those parameters entirely in
+    ``step()`` (no update, no weight decay, no change of their state such as Adam's moments or step count)."""
+    for p in parameters:
+        p.grad = None
+
+
+class NonFiniteGuard(Callback):
+    """Skip the optimizer step when a gradient (or the loss) is NaN/Inf, count it, and stop after too many in a row.
+
+    Runs in ``on_before_optimizer_step``, the first hook where the gradients are complete (every accumulated
+    micro-batch), unscaled (under ``16-mixed`` Lightning unscales before it) and, under DDP, already all-reduced. A
+    bad step is detected when any gradient holds a NaN/Inf or (``check_loss``) any micro-batch's loss was non-finite.
+    The decision is agreed across DDP ranks (one rank's NaN skips the step on all of them). A skipped step sets every
+    ``.grad`` of the optimizer's parameters to ``None``, so ``torch.optim`` optimizers leave those weights *and*
+    their state (moments, step counters, momentum buffers, weight decay) untouched. Lightning still counts the step
+    in ``global_step`` and steps per-step LR schedulers, as it does for a step the GradScaler skips.
+
+    Idea: the "skip bad updates" practice of large-model training (e.g. Chowdhery et al., "PaLM", 2022, which
+    skips batches around loss spikes; the GradScaler's skip-on-overflow, Micikevicius et al., "Mixed Precision
+    Training", 2018) applied in any precision; Lightning declined it upstream (#4956).
+
+    Logged (``pl_module.log``, per step): ``nonfinite_guard/skipped`` (1 on a skipped step) and
+    ``nonfinite_guard/skipped_total``. State kept in checkpoints: total and consecutive skips and the global steps
+    that were skipped.
+
+    Args:
+        max_consecutive_skips: after this many skipped steps in a row the run stops (``None``: never).
+        check_loss: also skip when a micro-batch's loss was non-finite (seen in ``on_before_backward``).
+        on_limit: ``"raise"`` a :class:`NonFiniteTrainingError` (default) or ``"stop"`` the run gracefully
+            (``trainer.should_stop``) with a warning.
+        log: log the counters with ``pl_module.log``.
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[NonFiniteGuard(max_consecutive_skips=5)], precision="bf16-mixed")
+
+    Limits: refuses DeepSpeed (its engine owns the step). Under ``16-mixed`` the scaler's own overflow skips while it
+    calibrates its scale are also counted (they are non-finite steps): keep ``max_consecutive_skips`` above the
+    handful the scaler needs. Put it before clipping callbacks in ``callbacks`` so they never see a skipped step.
+    Optimizers that step parameters without a gradient (rare custom ones) are not protected.
+    """
+
+    def __init__(
+        self,
+        max_consecutive_skips: int | None = 10,
+        check_loss: bool = True,
+        on_limit: Literal["raise", "stop"] = "raise",
+        log: bool = True,
+    ) -> None:
+        if max_consecutive_skips is not None:
+            check_positive("max_consecutive_skips", max_consecutive_skips, integer=True)
+        check_choice("on_limit", on_limit, ["raise", "stop"])
+        self.max_consecutive_skips = max_consecutive_skips
+        self.check_loss = bool(check_loss)
+        self.on_limit = on_limit
+        self.log = bool(log)
+        self.skipped_total = 0
+        self.consecutive_skips = 0
+        self.skipped_steps: list[int] = []
+        self._loss_bad = False
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if "deepspeed" in type(trainer.strategy).__name__.lower():
+            raise ValueError(
+                f"NonFiniteGuard does not support {type(trainer.strategy).__name__}: the DeepSpeed engine owns the "
+                "optimizer step (use DeepSpeed's own overflow handling)."
+            )
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._loss_bad = False
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
+        if self.check_loss and not bool(torch.isfinite(loss.detach()).all()):
+            self._loss_bad = True
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        params = optimizer_parameters(optimizer)
+        local_bad = self._loss_bad or nonfinite_gradients(params) > 0
+        self._loss_bad = False
+        bad = agree_any(trainer.strategy, local_bad)
+        if bad:
+            drop_gradients_(params)
+            self.skipped_total += 1
+            self.consecutive_skips += 1
+            self.skipped_steps.append(int(trainer.global_step))
+        else:
+            self.consecutive_skips = 0
+        if self.log:
+            pl_module.log("nonfinite_guard/skipped", float(bad), on_step=True, on_epoch=False)
+            pl_module.log("nonfinite_guard/skipped_total", float(self.skipped_total), on_step=True, on_epoch=False)
+        if bad:
+            self._check_limit(trainer)
+
+    def _check_limit(self, trainer: Any) -> None:
+        limit = self.max_consecutive_skips
+        if limit is None or self.consecutive_skips < limit:
+            return
+        message = (
+            f"NonFiniteGuard: {self.consecutive_skips} consecutive optimizer steps had non-finite gradients or loss "
+            f"(global steps {self.skipped_steps[-self.consecutive_skips:]}); the weights were left untouched. "
+            "Lower the learning rate, check the data for NaN/Inf, or use bf16/fp32 instead of fp16."
+        )
+        if self.on_limit == "raise":
+            raise NonFiniteTrainingError(message)
+        rank_zero_warn(message + " Stopping the run.")
+        trainer.should_stop = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "skipped_total": self.skipped_total,
+            "consecutive_skips": self.consecutive_skips,
+            "skipped_steps": list(self.skipped_steps),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped_total = int(state_dict.get("skipped_total", 0))
+        self.consecutive_skips = int(state_dict.get("consecutive_skips", 0))
+        self.skipped_steps = [int(s) for s in state_dict.get("skipped_steps", [])]

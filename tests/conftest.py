@@ -33,6 +33,16 @@ def _run_in_tmp_dir(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.Monkey
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _restore_global_torch_flags():
+    """``Trainer(deterministic=True)`` switches torch's deterministic algorithms on for the whole process and never
+    back; each test starts from, and leaves, the defaults so tests do not depend on their order."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
 @pytest.fixture
 def trainer_kwargs() -> dict:
     """Quiet single-CPU Trainer settings for integration tests."""

@@ -326,6 +326,20 @@ def test_gradients_enabled_inside_inference_mode_validation() -> None:
     assert torch.allclose(callback.grad, model.layer.weight.detach().expand_as(callback.grad))
 
 
+def test_gradients_enabled_tolerates_deterministic_mode_and_restores_it() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveMaxPool2d(2))
+    torch.use_deterministic_algorithms(True)
+    try:
+        with gradients_enabled(model):
+            assert torch.is_deterministic_algorithms_warn_only_enabled()
+            x = torch.randn(1, 1, 6, 6, requires_grad=True)
+            model(x).sum().backward()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 # ------------------------------------------------------------------ artefacts
 def _png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"

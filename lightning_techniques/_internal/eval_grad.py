@@ -10,7 +10,11 @@ technique does gradient work during evaluation:
 * by default turns parameter gradients **off** for the duration (``params_require_grad=False``): attribution
   methods need gradients with respect to inputs and activations only, and this way no ``.grad`` of the model is
   touched and no DDP gradient hook fires on a rank that works alone;
-* restores every parameter's ``.grad`` object afterwards when ``params_require_grad=True``.
+* restores every parameter's ``.grad`` object afterwards when ``params_require_grad=True``;
+* under ``Trainer(deterministic=True)`` (``torch.use_deterministic_algorithms(True)``) it lets ops without a
+  deterministic kernel run with a warning instead of raising (backward of max-pooling, max-unpooling in shap's
+  DeepExplainer ...): attribution work does not feed training, and refusing it would stop the run. The global
+  setting is restored on exit.
 
 Use :func:`usable_tensor` on batch tensors (clones inference tensors into normal ones).
 """
@@ -44,6 +48,10 @@ def gradients_enabled(module: nn.Module, eval_mode: bool = True, params_require_
     """
     modes = [(m, m.training) for m in module.modules()]
     flags = [(p, p.requires_grad, p.grad) for p in module.parameters()]
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if deterministic and not warn_only:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         with torch.inference_mode(False), torch.enable_grad():
             if eval_mode:
@@ -58,6 +66,8 @@ def gradients_enabled(module: nn.Module, eval_mode: bool = True, params_require_
         for p, requires_grad, grad in flags:
             p.requires_grad_(requires_grad)
             p.grad = grad
+        if deterministic and not warn_only:
+            torch.use_deterministic_algorithms(True, warn_only=False)
 
 
 def describe_modes(module: nn.Module) -> dict[str, Any]:

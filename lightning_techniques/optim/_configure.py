@@ -138,6 +138,8 @@ def log_learning_rates(pl_module: Any, optimizers: list, prefix: str = "lr") -> 
             name = group.get("name") or f"pg{j}"
             key = f"{prefix}-{name}" if len(optimizers) == 1 else f"{prefix}-{i}-{name}"
             values[key] = float(group["lr"])
+    trainer = getattr(pl_module, "_trainer", None)
+    has_logger = bool(getattr(trainer, "loggers", None))  # still in callback_metrics without one, minus the warning
     for key, value in values.items():
-        pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=False, logger=True)
+        pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=False, logger=has_logger)
     return values

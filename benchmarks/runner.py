@@ -72,11 +72,19 @@ class StepTimer(Callback):
 
 
 def side_by_side(variants: Mapping[str, Callable[[], Any]], repeats: int = 5) -> dict[str, list[Any]]:
-    """Call every variant ``repeats`` times, round-robin (A B C A B C ...); return ``{name: [results]}``."""
-    results: dict[str, list[Any]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            results[name].append(fn())
+    """Call every variant ``repeats`` times, round-robin with the starting variant rotated each round
+    (A B C, B C A, C A B ...) so that no variant always runs in the same position of a round (drift within a round
+    would otherwise show up as a fake overhead); a garbage collection precedes every call.
+    Returns ``{name: [results]}``."""
+    import gc
+
+    names = list(variants)
+    results: dict[str, list[Any]] = {name: [] for name in names}
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            gc.collect()
+            results[name].append(variants[name]())
     return results
 
 

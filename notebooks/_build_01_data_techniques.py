@@ -164,7 +164,9 @@ checkpoint stays loadable into the plain module."""),
 def build() -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    for kind, src in cells:
+    from _cells_01_transforms import cells as transform_cells  # part 2, kept in its own file
+
+    for kind, src in cells + transform_cells:
         nb.cells.append(nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src))
     return nb
 

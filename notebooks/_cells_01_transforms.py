@@ -1,17 +1,10 @@
-"""Builds (and executes) notebooks/01b_normalisation_and_augmentation.ipynb: ``python notebooks/_build_01b.py``."""
+"""Cells of notebooks/01_data_techniques.ipynb, part 2 (normalisation, augmentation, MixUp/CutMix, input noise);
+``notebooks/_build_01_data_techniques.py`` builds the notebook from part 1 and these."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import nbformat
-from nbclient import NotebookClient
-
-HERE = Path(__file__).resolve().parent
-PATH = HERE / "01b_normalisation_and_augmentation.ipynb"
-
 cells: list[tuple[str, str]] = [
-    ("md", """# Normalisation, augmentation, MixUp/CutMix and input noise
+    ("md", """# Part 2: normalisation, augmentation, MixUp/CutMix and input noise
 
 Every technique here is a Lightning `Callback` that transforms the batch **on the device**, after the transfer and
 before `training_step`, with the user's module left unmodified:
@@ -120,23 +113,3 @@ print("train targets:", tuple(peek.train_targets.shape), peek.train_targets.dtyp
 print("val_acc after 3 epochs:", round(float(trainer.callback_metrics["val_acc"]), 3))"""),
 ]
 
-
-def build() -> nbformat.NotebookNode:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    for kind, source in cells:
-        nb.cells.append(nbformat.v4.new_markdown_cell(source) if kind == "md" else nbformat.v4.new_code_cell(source))
-    return nb
-
-
-if __name__ == "__main__":
-    import tempfile
-    import time
-
-    notebook = build()
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": tmp}}).execute()
-    print(f"executed in {time.perf_counter() - start:.1f} s")
-    nbformat.write(notebook, PATH)
-    print(f"wrote {PATH}")

@@ -125,8 +125,10 @@ cells = [
 ]
 
 if __name__ == "__main__":
+    from _cells_02_stability import cells as stability_cells  # part 2, kept in its own file
+
     notebook = nbformat.v4.new_notebook(
-        cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}}
+        cells=cells + stability_cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3"}}
     )
     NotebookClient(notebook, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": tempfile.mkdtemp()}}).execute()

@@ -99,8 +99,11 @@ display(Image(filename=str(newest("importance/test_features_step*.png")), width=
 normalise inputs (see the normalisation techniques)."""),
 ]
 
+from _cells_08_attributions import cells as attribution_cells  # noqa: E402  (part 2, kept in its own file)
+
 nb = nbformat.v4.new_notebook()
 nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src) for kind, src in cells]
+nb.cells += attribution_cells
 nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
 if __name__ == "__main__":

@@ -436,13 +436,17 @@ def test_tabular_inputs_get_a_feature_map(tmp_path) -> None:
 def test_exact_resume_keeps_samples_and_training(tmp_path) -> None:
     def callbacks():
         return [IntegratedGradientsLogger(n_steps=8, max_samples=3, selection="confident_wrong", every_n_epochs=1),
-                GradCAMLogger(max_samples=3, every_n_epochs=2), LIMELogger(n_samples=20, max_samples=2, every_n_epochs=1)]
+                GradCAMLogger(max_samples=3, every_n_epochs=2), LIMELogger(n_samples=20, max_samples=2, every_n_epochs=1),
+                DeepLiftLogger(max_samples=2, every_n_epochs=1),
+                SHAPLogger(explainer="gradient", background_size=8, max_samples=2, every_n_epochs=2),
+                SaliencyLogger(max_samples=2, every_n_epochs=1)]
 
     straight = assert_exact_resume(lambda: DigitsCNN(channels=8), lambda: DigitsDataModule(), callbacks, tmp_path,
                                    total_steps=8, split_step=3,
                                    trainer_kwargs={"val_check_interval": 2, "limit_val_batches": 1})
-    ig, cam, _ = straight["callbacks"]
+    ig, cam, _, deeplift, shap, saliency = straight["callbacks"]
     assert ig.validation_runs == 4 and len(ig.history) == 4 and len(cam.history) == 2
+    assert len(deeplift.history) == 4 and len(shap.history) == 2 and len(saliency.history) == 4
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
@@ -497,7 +501,8 @@ def test_ddp_rank_zero_only(tmp_path) -> None:
     results = run_ddp_script(script, tmp_path)
     assert_ranks_agree(results, keys=["weights", "validation_runs", "finished"])
     rank0, rank1 = results
-    assert rank0["events"] == {"ig": 2, "gradcam": 2, "shap": 2} and rank1["events"] == {"ig": 0, "gradcam": 0, "shap": 0}
+    names = ("ig", "gradcam", "shap", "saliency", "deeplift", "lime")
+    assert rank0["events"] == dict.fromkeys(names, 2) and rank1["events"] == dict.fromkeys(names, 0)
     assert rank0["artifact_files"] > 0 and rank0["completeness_gap"] > 0.0  # rank 0 computed and wrote them
     assert rank1["validation_runs"] == 2
 

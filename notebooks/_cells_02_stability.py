@@ -1,17 +1,13 @@
-"""Builds notebooks/02b_stability_and_accumulation.ipynb (run from the repo root: python notebooks/_build_02b.py)."""
-
-import tempfile
-from pathlib import Path
+"""Cells of notebooks/02_optimization.ipynb, part 2 (stability and accumulation); `_build_02.py` builds it."""
 
 import nbformat
-from nbclient import NotebookClient
 
 md = nbformat.v4.new_markdown_cell
 code = nbformat.v4.new_code_cell
 
 cells = [
     md(
-        "# Training stability and gradient accumulation\n\n"
+        "# Part 2: training stability and gradient accumulation\n\n"
         "Four techniques that keep a run healthy, each attached to a stock `lightning.Trainer` with the demo's "
         "unmodified `DigitsCNN` on scikit-learn's digits:\n\n"
         "1. **`NonFiniteGuard`** - a NaN batch skips the optimizer step instead of destroying the weights;\n"
@@ -149,10 +145,3 @@ cells = [
     ),
 ]
 
-notebook = nbformat.v4.new_notebook(cells=cells)
-notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-path = Path(__file__).resolve().parent / "02b_stability_and_accumulation.ipynb"
-with tempfile.TemporaryDirectory() as workdir:  # executed like tests/test_notebooks.py: nothing lands in the repo
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": workdir}}).execute()
-nbformat.write(notebook, path)
-print(f"wrote {path}")

@@ -1,16 +1,14 @@
-"""Builds notebooks/08b_attributions.ipynb (run from the repo root: python notebooks/_build_08b.py)."""
-
-from pathlib import Path
+"""Cells of notebooks/08_evaluation_and_interpretation.ipynb, part 2 (attribution loggers); `_build_08.py`
+builds it."""
 
 import nbformat
-from nbclient import NotebookClient
 
 md = nbformat.v4.new_markdown_cell
 code = nbformat.v4.new_code_cell
 
 cells = [
     md(
-        "# Attribution loggers: saliency, Integrated Gradients, DeepLIFT, Grad-CAM, SHAP, LIME\n\n"
+        "# Part 2: attribution loggers - saliency, Integrated Gradients, DeepLIFT, Grad-CAM, SHAP, LIME\n\n"
         "Each logger is a callback on a stock `lightning.Trainer`. It picks a fixed set of validation samples once "
         "(one per class, or the most confidently wrong), and every `every_n_epochs` validation runs (and at test end) "
         "writes, on rank 0 only, an overlay image, the raw attribution arrays and a samples table to whatever logger "
@@ -133,12 +131,3 @@ cells = [
     ),
 ]
 
-notebook = nbformat.v4.new_notebook(cells=cells)
-notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-path = Path(__file__).resolve().parent / "08b_attributions.ipynb"
-import tempfile  # noqa: E402
-
-NotebookClient(notebook, timeout=600, kernel_name="python3",
-               resources={"metadata": {"path": tempfile.mkdtemp()}}).execute()
-nbformat.write(notebook, path)
-print(f"wrote {path}")

@@ -64,6 +64,9 @@ class Linear(L.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.seen_val.append(batch[0].detach().clone())
 
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.seen_val.append(batch[0].detach().clone())
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
@@ -338,6 +341,44 @@ def test_gradients_enabled_tolerates_deterministic_mode_and_restores_it() -> Non
         assert not torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+# ------------------------------------------------------------------ evaluation-stage routing
+def test_evaluation_callback_routes_counts_and_releases() -> None:
+    from lightning_techniques._internal.eval_stages import EvaluationCallback
+
+    class Recorder(EvaluationCallback):
+        every_n_val_epochs = 2
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.events: list[tuple[str, ...]] = []
+
+        def _start(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            self.events.append(("start", stage, str(trainer.sanity_checking), str(self.validation_due(trainer))))
+
+        def _batch_end(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int,
+                       stage: str) -> None:
+            self.events.append(("batch", stage))
+
+        def _finish(self, trainer: Any, pl_module: Any, stage: str) -> None:
+            self.events.append(("finish", stage, str(self.val_epochs_seen)))
+
+        def _stop(self) -> None:
+            self.events.append(("stop",))
+
+    recorder = Recorder()
+    loader = _loader()
+    trainer = _trainer(max_epochs=3, callbacks=[recorder], num_sanity_val_steps=1, limit_val_batches=1)
+    trainer.fit(Linear(), train_dataloaders=loader, val_dataloaders=loader)
+    trainer.test(Linear(), dataloaders=loader, verbose=False)
+    starts = [e for e in recorder.events if e[0] == "start"]
+    assert starts[0][:3] == ("start", "validate", "True") and recorder.events[2] == ("stop",), "sanity: released"
+    assert [e[3] for e in starts[1:4]] == ["False", "True", "False"], "every 2nd validation epoch is due"
+    assert [e for e in recorder.events if e[0] == "finish"] == [
+        ("finish", "validate", "1"), ("finish", "validate", "2"), ("finish", "validate", "3"), ("finish", "test", "3")
+    ]
+    assert recorder.state_dict() == {"val_epochs_seen": 3}
 
 
 # ------------------------------------------------------------------ artefacts

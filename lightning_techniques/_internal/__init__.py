@@ -5,6 +5,7 @@
 * :mod:`.sampling` - steer which samples the train loader yields, correct under DDP and mid-epoch resume.
 * :mod:`.batch_transforms` - transform the on-device batch at train (and eval/predict) time.
 * :mod:`.eval_grad` - gradient work inside Lightning's ``inference_mode`` evaluation.
+* :mod:`.eval_stages` - one routing of the validation/test hooks for callbacks that collect during evaluation.
 * :mod:`.artifacts` - images / figures / tables / arrays to whatever logger is attached, or to files.
 * :mod:`.distributed` - rank-0 work + broadcast, all-reduced statistics, agreed decisions.
 * :mod:`.batch` - the input/target of a tuple, list, dict or tensor batch.
@@ -26,12 +27,14 @@ from lightning_techniques._internal.distributed import (
     is_distributed,
 )
 from lightning_techniques._internal.eval_grad import gradients_enabled, usable_tensor
+from lightning_techniques._internal.eval_stages import EvaluationCallback
 from lightning_techniques._internal.loss_terms import add_loss_term, registered_loss_terms
 from lightning_techniques._internal.sampling import SamplerSteering, SteeredSampler, seeded_permutation
 
 __all__ = [
     "ArtifactLogger",
     "CriterionHandle",
+    "EvaluationCallback",
     "SamplerSteering",
     "SteeredSampler",
     "add_batch_transform",

@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_techniques._internal.artifacts import ArtifactLogger
 from lightning_techniques._internal.batch import get_inputs, get_targets
 from lightning_techniques._internal.distributed import broadcast_object
+from lightning_techniques._internal.eval_stages import EvaluationCallback
 from lightning_techniques._internal.optional import require
 from lightning_techniques._internal.validation import check_choice, check_positive
 
@@ -178,7 +178,7 @@ def _bar_figure(names: list[str], values: list[float], title: str) -> Any:
     return fig
 
 
-class PermutationImportance(Callback):
+class PermutationImportance(EvaluationCallback):
     """At test end (and optionally every N validation epochs), measures how much the score drops when each input
     feature is permuted (permutation importance, Breiman 2001; Fisher, Rudin & Dominici 2019) and when the output
     of each named layer is removed (ablation, Meyes et al. 2019), and writes tables and figures.
@@ -260,7 +260,7 @@ class PermutationImportance(Callback):
         self.input_key = input_key
         self.target_key = target_key
         self.results: dict[str, dict[str, Any]] = {}
-        self.val_epochs_seen = 0
+        super().__init__()  # val_epochs_seen
         self._inputs: list[Tensor] = []
         self._targets: list[Tensor] = []
         self._active = False
@@ -276,16 +276,17 @@ class PermutationImportance(Callback):
                     f"{[n for n in names if n]}."
                 )
 
-    def _start(self, trainer: Any, stage: str) -> None:
+    def _start(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._inputs, self._targets = [], []
         self._active = False
         if stage not in self.stages or trainer.sanity_checking:
             return
-        if stage == "validate" and trainer.state.fn == "fit" and (self.val_epochs_seen + 1) % self.every_n_val_epochs:
+        if stage == "validate" and not self.validation_due(trainer):
             return
         self._active = True
 
-    def _collect(self, trainer: Any, batch: Any) -> None:
+    def _batch_end(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int,
+                   stage: str) -> None:
         if not self._active or not trainer.is_global_zero:
             return
         have = sum(t.shape[0] for t in self._targets)
@@ -361,36 +362,6 @@ class PermutationImportance(Callback):
         if len(self.feature_names) != count:
             raise ValueError(f"feature_names has {len(self.feature_names)} names but the input has {count} features.")
         return self.feature_names
-
-    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._start(trainer, "validate")
-
-    def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
-                                dataloader_idx: int = 0) -> None:
-        self._collect(trainer, batch)
-
-    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking:
-            return
-        if trainer.state.fn == "fit":
-            self.val_epochs_seen += 1
-        self._finish(trainer, pl_module, "validate")
-
-    def on_test_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._start(trainer, "test")
-
-    def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
-                          dataloader_idx: int = 0) -> None:
-        self._collect(trainer, batch)
-
-    def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self._finish(trainer, pl_module, "test")
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"val_epochs_seen": self.val_epochs_seen}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.val_epochs_seen = int(state_dict.get("val_epochs_seen", 0))
 
 
 __all__ = ["PermutationImportance", "ablation_importance", "permutation_importance", "resolve_score"]

@@ -20,7 +20,6 @@ from typing import Any, Literal
 import torch
 import torchmetrics.functional.classification as tmc
 import torchmetrics.functional.regression as tmr
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import Metric
@@ -29,6 +28,7 @@ from torchmetrics.utilities import dim_zero_cat
 from lightning_techniques._internal.artifacts import ArtifactLogger
 from lightning_techniques._internal.batch import get_inputs, get_targets
 from lightning_techniques._internal.distributed import broadcast_object
+from lightning_techniques._internal.eval_stages import EvaluationCallback
 from lightning_techniques._internal.optional import require
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
 
@@ -351,7 +351,7 @@ def _first_tensor(output: Any) -> Tensor | None:
 _STAGE_NAMES = {"validate": "val", "test": "test"}
 
 
-class EvaluationReport(Callback):
+class EvaluationReport(EvaluationCallback):
     """Computes, at the end of validation and/or test, the metrics a reader expects, and writes them as tables and
     figures; at test end each scalar gets a percentile-bootstrap confidence interval.
 
@@ -453,7 +453,7 @@ class EvaluationReport(Callback):
         self.validation_figures = validation_figures
         self.log_scalars = log_scalars
         self.results: dict[str, dict[str, Any]] = {}
-        self.val_epochs_seen = 0
+        super().__init__()  # val_epochs_seen
         self._collector: _Collected | None = None
         self._active = False
         self._hook: Any = None
@@ -473,9 +473,6 @@ class EvaluationReport(Callback):
                 "outputs of the module's forward calls (capture='forward_hook') or of module(inputs) (capture='rerun')."
             )
 
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._stop()
-
     def _stop(self) -> None:
         if self._hook is not None:
             self._hook.remove()
@@ -489,7 +486,7 @@ class EvaluationReport(Callback):
         self._stop()
         if stage not in self.stages or trainer.sanity_checking:
             return
-        if stage == "validate" and trainer.state.fn == "fit" and (self.val_epochs_seen + 1) % self.every_n_val_epochs:
+        if stage == "validate" and not self.validation_due(trainer):
             return
         self._active = True
         if self._collector is None:
@@ -504,10 +501,11 @@ class EvaluationReport(Callback):
         if tensor is not None and tensor.ndim >= 1:
             self._outputs.append(tensor.detach())
 
-    def _batch_start(self) -> None:
+    def _batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
         self._outputs = []
 
-    def _batch_end(self, pl_module: Any, batch: Any) -> None:
+    def _batch_end(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int,
+                   stage: str) -> None:
         if not self._active:
             return
         targets = get_targets(batch, self.target_key).detach()
@@ -621,49 +619,6 @@ class EvaluationReport(Callback):
         if len(self.class_names) != c:
             raise ValueError(f"class_names has {len(self.class_names)} names but the model predicts {c} classes.")
         return self.class_names
-
-    # ------------------------------------------------------------------ hooks
-    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._start(trainer, pl_module, "validate")
-
-    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
-                                  dataloader_idx: int = 0) -> None:
-        self._batch_start()
-
-    def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
-                                dataloader_idx: int = 0) -> None:
-        self._batch_end(pl_module, batch)
-
-    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking:
-            return
-        if trainer.state.fn == "fit":
-            self.val_epochs_seen += 1
-        self._finish(trainer, pl_module, "validate")
-
-    def on_test_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._start(trainer, pl_module, "test")
-
-    def on_test_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
-                            dataloader_idx: int = 0) -> None:
-        self._batch_start()
-
-    def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
-                          dataloader_idx: int = 0) -> None:
-        self._batch_end(pl_module, batch)
-
-    def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self._finish(trainer, pl_module, "test")
-
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._stop()
-
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        return {"val_epochs_seen": self.val_epochs_seen}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.val_epochs_seen = int(state_dict.get("val_epochs_seen", 0))
 
 
 __all__ = [

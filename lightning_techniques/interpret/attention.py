@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from lightning_techniques._internal.artifacts import ArtifactLogger
+from lightning_techniques._internal.eval_stages import EvaluationCallback
 from lightning_techniques._internal.optional import require
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
 
@@ -332,7 +332,7 @@ def attention_grid_image(maps: dict[str, Tensor], sample: int = 0, heads: Sequen
     return image
 
 
-class AttentionMapLogger(Callback):
+class AttentionMapLogger(EvaluationCallback):
     """Logs attention maps of chosen layers and heads every N validation epochs (and at test end), captured from the
     module's own forward pass on the first evaluation batch - no extra forward, outputs bit-identical.
 
@@ -399,7 +399,7 @@ class AttentionMapLogger(Callback):
         self.style = style
         self.causal = causal
         self.scale = scale
-        self.val_epochs_seen = 0
+        super().__init__()  # val_epochs_seen
         self.last_maps: dict[str, Tensor] = {}
         self._capture: AttentionCapture | None = None
         self._active = False
@@ -414,7 +414,7 @@ class AttentionMapLogger(Callback):
                 if bad:
                     raise ValueError(f"heads {bad} do not exist in layer {name!r}, which has {count} heads.")
 
-    def _start(self, trainer: Any, stage: str) -> None:
+    def _start(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._active = False
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
@@ -423,13 +423,14 @@ class AttentionMapLogger(Callback):
         elif trainer.state.fn != "fit":
             self._active = True
         else:
-            self._active = self.every_n_val_epochs > 0 and (self.val_epochs_seen + 1) % self.every_n_val_epochs == 0
+            self._active = self.validation_due(trainer)
 
-    def _batch_start(self, pl_module: Any, batch_idx: int, dataloader_idx: int) -> None:
+    def _batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
         if self._active and batch_idx == 0 and dataloader_idx == 0:
             self._capture = AttentionCapture(pl_module, self.layers, self.causal, self.scale).__enter__()
 
-    def _batch_end(self, trainer: Any, stage: str) -> None:
+    def _batch_end(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int,
+                   stage: str) -> None:
         if self._capture is None:
             return
         capture, self._capture = self._capture, None
@@ -464,47 +465,8 @@ class AttentionMapLogger(Callback):
             self._capture = None
         self._active = False
 
-    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._start(trainer, "validate")
-
-    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
-                                  dataloader_idx: int = 0) -> None:
-        self._batch_start(pl_module, batch_idx, dataloader_idx)
-
-    def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
-                                dataloader_idx: int = 0) -> None:
-        self._batch_end(trainer, "validate")
-
-    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self._stop()
-        if not trainer.sanity_checking and trainer.state.fn == "fit":
-            self.val_epochs_seen += 1
-
-    def on_test_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._start(trainer, "test")
-
-    def on_test_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
-                            dataloader_idx: int = 0) -> None:
-        self._batch_start(pl_module, batch_idx, dataloader_idx)
-
-    def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
-                          dataloader_idx: int = 0) -> None:
-        self._batch_end(trainer, "test")
-
-    def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self._stop()
-
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._stop()
-
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._stop()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"val_epochs_seen": self.val_epochs_seen}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.val_epochs_seen = int(state_dict.get("val_epochs_seen", 0))
+    def _finish(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._stop()  # maps are logged from the first batch (_batch_end); nothing is left to compute
 
 
 __all__ = [

@@ -8,12 +8,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_techniques._internal.artifacts import ArtifactLogger
 from lightning_techniques._internal.batch import get_targets
+from lightning_techniques._internal.eval_stages import EvaluationCallback
 from lightning_techniques._internal.optional import require
 from lightning_techniques._internal.validation import check_number, check_positive
 
@@ -137,7 +137,7 @@ def plot_embedding(points: np.ndarray, labels: np.ndarray, class_names: Sequence
     return fig
 
 
-class TSNELogger(Callback):
+class TSNELogger(EvaluationCallback):
     """Logs a t-SNE map (van der Maaten & Hinton, JMLR 2008) of the model's penultimate-layer embeddings coloured by
     label every N validation epochs and at test end, plus TensorBoard's embedding projector when TensorBoard is
     attached.
@@ -207,7 +207,7 @@ class TSNELogger(Callback):
         self.projector = projector
         self.class_names = list(class_names) if class_names is not None else None
         self.target_key = target_key
-        self.val_epochs_seen = 0
+        super().__init__()  # val_epochs_seen
         self.last: dict[str, Any] = {}
         self._capture: EmbeddingCapture | None = None
         self._features: list[Tensor] = []
@@ -231,16 +231,17 @@ class TSNELogger(Callback):
         elif trainer.state.fn != "fit":
             active = True
         else:
-            active = self.every_n_val_epochs > 0 and (self.val_epochs_seen + 1) % self.every_n_val_epochs == 0
+            active = self.validation_due(trainer)
         if active:
             _, module = resolve_layer(pl_module, self._layer_name)
             self._capture = EmbeddingCapture(module, self.use_layer_input).__enter__()
 
-    def _batch_start(self) -> None:
+    def _batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
         if self._capture is not None:
             self._capture.features = []
 
-    def _batch_end(self, batch: Any) -> None:
+    def _batch_end(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int,
+                   stage: str) -> None:
         if self._capture is None:
             return
         labels = get_targets(batch, self.target_key).detach().cpu()
@@ -262,7 +263,7 @@ class TSNELogger(Callback):
             self._capture = None
         self._features, self._labels = [], []
 
-    def _finish(self, trainer: Any, stage: str) -> None:
+    def _finish(self, trainer: Any, pl_module: Any, stage: str) -> None:
         features, labels = self._features, self._labels
         self._stop()
         if not features:
@@ -286,51 +287,6 @@ class TSNELogger(Callback):
                     logger.experiment.add_embedding(x, metadata=metadata, global_step=trainer.global_step,
                                                     tag=f"embedding_{name}")
         rank_zero_info(f"TSNELogger ({name}): {len(y)} samples, 5-NN accuracy in the map {score:.3f}")
-
-    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._start(trainer, pl_module, "validate")
-
-    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
-                                  dataloader_idx: int = 0) -> None:
-        self._batch_start()
-
-    def on_validation_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
-                                dataloader_idx: int = 0) -> None:
-        self._batch_end(batch)
-
-    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking:
-            self._stop()
-            return
-        if trainer.state.fn == "fit":
-            self.val_epochs_seen += 1
-        self._finish(trainer, "validate")
-
-    def on_test_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._start(trainer, pl_module, "test")
-
-    def on_test_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
-                            dataloader_idx: int = 0) -> None:
-        self._batch_start()
-
-    def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
-                          dataloader_idx: int = 0) -> None:
-        self._batch_end(batch)
-
-    def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        self._finish(trainer, "test")
-
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._stop()
-
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._stop()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"val_epochs_seen": self.val_epochs_seen}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.val_epochs_seen = int(state_dict.get("val_epochs_seen", 0))
 
 
 __all__ = ["EmbeddingCapture", "TSNELogger", "default_embedding_layer", "embeddings", "knn_accuracy", "plot_embedding",

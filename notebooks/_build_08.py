@@ -24,7 +24,7 @@ Four callbacks that you attach to a stock `lightning.Trainer`, with the demo's u
 * `PermutationImportance` - how much accuracy drops when an input feature is permuted or a layer's output removed.
 * `TSNELogger` - t-SNE (van der Maaten & Hinton 2008) of the penultimate-layer embeddings, coloured by label.
 * `AttentionMapLogger` - attention maps of the demo transformer, which uses SDPA (no weights returned): they are
-  recomputed from the hooked q/k projections, without changing the model's outputs.
+  recomputed from the hooked q/k projections, without changing the model's outputs; the same on a Hugging Face BERT.
 
 Everything is written under the run's directory (a temporary one here)."""),
     ("code", """import tempfile, warnings, logging
@@ -76,6 +76,34 @@ Each row of a map is a softmax over the 8 image rows (tokens): it sums to 1.""")
 for name, m in maps.items():
     print(name, tuple(m.shape), "row sums:", m.sum(-1).min().item(), "to", m.sum(-1).max().item())
 display(Image(filename=str(newest("attention/test_sample0_step*.png")), width=520))"""),
+    ("md", """## Attention maps of a Hugging Face `transformers` model
+
+The same callback on the demo's `TinyBert` - a Hugging Face `BertForSequenceClassification` built from a config
+(no download) that runs SDPA - on padded token sequences whose label is "token 7 occurs" (`TokenPresenceDataModule`).
+transformers' own `output_attentions=True` would need `attn_implementation="eager"`; the logger recomputes the
+weights from the query, key and padding mask the SDPA kernel received, so the model keeps its kernel and its outputs.
+The check below compares them with transformers' eager weights on the same trained parameters."""),
+    ("code", """from lightning_techniques.demo import TinyBert, TokenPresenceDataModule
+
+L.seed_everything(0)
+bert, tokens = TinyBert(), TokenPresenceDataModule()
+hf_attention = AttentionMapLogger(layers=["*.attention.self"], every_n_val_epochs=0, style="figure")
+trainer = L.Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=str(root / "bert"), callbacks=[hf_attention])
+trainer.fit(bert, datamodule=tokens)
+print(f"test accuracy: {trainer.test(bert, datamodule=tokens, verbose=False)[0]['test_acc']:.3f}")
+
+eager = TinyBert(attn_implementation="eager").eval()
+eager.load_state_dict(bert.state_dict())
+ids = tokens.test_dataset.inputs[:1]
+with torch.no_grad():
+    reference = eager.model(input_ids=ids, attention_mask=(ids != 0).long(), output_attentions=True).attentions
+for i, (name, m) in enumerate(hf_attention.last_maps.items()):
+    print(f"{name}: {tuple(m.shape)}, max |captured - eager output_attentions| = {(m - reference[i]).abs().max():.1e}")
+print("tokens of the first test sequence:", ids[0].tolist(), " (0 = padding)")
+display(Image(filename=str(newest("bert/**/attention/test_sample0_step*.png")), width=520))"""),
+    ("md", """Padded positions (right of the sequence) get no attention, and in layer 0 every position looks at the
+token that decides the label (7), when the sequence has one."""),
     ("md", """## Permutation and ablation importance on the breast-cancer data
 
 The 30 features are the raw (unscaled) measurements; the importance of a feature is the accuracy lost when it is

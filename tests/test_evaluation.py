@@ -3,6 +3,7 @@ demo digits, exact resume, bad input, and the DDP script of the eval_embed group
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import warnings
 from pathlib import Path
@@ -356,3 +357,7 @@ def test_ddp_eval_embed_group(tmp_path: Path) -> None:
     assert results[0]["attention_layers"] == 2 and results[1]["attention_layers"] == 0
     assert results[0]["tsne_points"] > 0 and results[1]["tsne_points"] == 0
     assert results[0]["artifact_files"] > 0
+    if importlib.util.find_spec("transformers") is not None:  # the BERT run under DDP
+        assert_ranks_agree(results, keys=["hf_weights"])
+        assert results[0]["hf_attention_layers"] == [f"model.bert.encoder.layer.{i}.attention.self" for i in range(2)]
+        assert results[1]["hf_attention_layers"] == []

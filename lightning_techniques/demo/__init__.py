@@ -6,6 +6,7 @@ from lightning_techniques.demo.data import (
     EpochPermutation,
     LabeledTensorDataset,
     ResumableDataLoader,
+    TokenPresenceDataModule,
     epoch_shuffle_sampler,
 )
 from lightning_techniques.demo.models import (
@@ -14,6 +15,7 @@ from lightning_techniques.demo.models import (
     DigitsCNN,
     SelfAttention,
     TabularMLP,
+    TinyBert,
     TinyTransformer,
 )
 
@@ -28,6 +30,8 @@ __all__ = [
     "ResumableDataLoader",
     "SelfAttention",
     "TabularMLP",
+    "TinyBert",
     "TinyTransformer",
+    "TokenPresenceDataModule",
     "epoch_shuffle_sampler",
 ]

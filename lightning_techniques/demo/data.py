@@ -215,3 +215,59 @@ class BreastCancerDataModule(_SplitDataModule):
 
         data = load_breast_cancer()
         return torch.tensor(data.data, dtype=torch.float32), torch.tensor(data.target, dtype=torch.long)
+
+
+class TokenPresenceDataModule(_SplitDataModule):
+    """Generated token sequences for text-model demos (no download): ``n_samples`` sequences of ``min_length`` to
+    ``max_length`` random tokens from ``1 .. vocab_size - 1``, right-padded with ``0`` to ``max_length``; the label is
+    1 when ``target_token`` occurs in the sequence (about half of them, by construction). Batches are
+    ``(ids [B, max_length] int64, y [B] int64)``; the padding mask is ``ids != 0``.
+
+    Args:
+        n_samples: sequences in all (split stratified into train/val/test).
+        vocab_size: token ids are ``0`` (padding) to ``vocab_size - 1``.
+        max_length: padded length.
+        min_length: shortest sequence.
+        target_token: the token whose presence is the label.
+        batch_size, val_fraction, test_fraction, seed, num_workers: as for :class:`DigitsDataModule`.
+    """
+
+    num_classes = 2
+
+    def __init__(
+        self,
+        n_samples: int = 1024,
+        vocab_size: int = 40,
+        max_length: int = 12,
+        min_length: int = 4,
+        target_token: int = 7,
+        batch_size: int = 32,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size, val_fraction, test_fraction, seed, num_workers)
+        check_number("n_samples", n_samples, low=20, integer=True)
+        check_number("vocab_size", vocab_size, low=3, integer=True)
+        check_positive("max_length", max_length, integer=True)
+        check_number("min_length", min_length, low=1, high=max_length, integer=True)
+        check_number("target_token", target_token, low=1, high=vocab_size - 1, integer=True)
+        self.n_samples = n_samples
+        self.vocab_size = vocab_size
+        self.max_length = max_length
+        self.min_length = min_length
+        self.target_token = target_token
+        self.input_shape = (max_length,)
+
+    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed)
+        n, length = self.n_samples, self.max_length
+        others = torch.tensor([t for t in range(1, self.vocab_size) if t != self.target_token])
+        ids = others[torch.randint(len(others), (n, length), generator=g)]
+        lengths = torch.randint(self.min_length, length + 1, (n,), generator=g)
+        labels = (torch.rand(n, generator=g) < 0.5).long()
+        where = (torch.rand(n, generator=g) * lengths).long()  # one position inside the sequence
+        ids[labels.bool(), where[labels.bool()]] = self.target_token
+        ids = ids * (torch.arange(length)[None, :] < lengths[:, None])
+        return ids, labels

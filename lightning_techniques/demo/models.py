@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_techniques._internal.optional import require
 from lightning_techniques._internal.validation import check_choice, check_positive
 
 
@@ -202,3 +203,44 @@ class TabularMLP(ClassifierModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class TinyBert(ClassifierModule):
+    """A tiny Hugging Face BERT sequence classifier built from a config (random init, no download), for token batches
+    ``(ids [B, N] int64, y [B])`` with ``pad_id`` as padding (e.g. :class:`TokenPresenceDataModule`); the padding mask
+    is ``ids != pad_id``. Devlin et al., "BERT", NAACL 2019. Needs the ``hf`` extra (``transformers>=5``).
+
+    Its attention layers are ``model.bert.encoder.layer.<i>.attention.self`` (``attn_implementation``: ``"sdpa"``,
+    the default, or ``"eager"``).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 40,
+        max_length: int = 12,
+        hidden_size: int = 32,
+        heads: int = 4,
+        layers: int = 2,
+        num_classes: int = 2,
+        pad_id: int = 0,
+        attn_implementation: str = "sdpa",
+        lr: float = 2e-3,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(lr=lr, **kwargs)
+        check_choice("attn_implementation", attn_implementation, ["sdpa", "eager"])
+        if hidden_size % heads:
+            raise ValueError(f"hidden_size={hidden_size} must be divisible by heads={heads}.")
+        self.save_hyperparameters()
+        transformers = require("transformers", "hf", "TinyBert")
+        config = transformers.BertConfig(
+            vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
+            intermediate_size=2 * hidden_size, max_position_embeddings=max_length, num_labels=num_classes,
+            pad_token_id=pad_id, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            attn_implementation=attn_implementation,
+        )
+        self.pad_id = pad_id
+        self.model = transformers.BertForSequenceClassification(config)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=ids, attention_mask=(ids != self.pad_id).long()).logits

@@ -5,8 +5,12 @@ The attention weights are those of Vaswani et al., "Attention Is All You Need", 
 ``softmax(q k^T / sqrt(d_head))`` per head. Visualising them per layer and head follows e.g. Vig, "A Multiscale
 Visualization of Attention in the Transformer Model", ACL 2019 (demo track).
 
-Two kinds of attention layer are recognised:
+Three kinds of attention layer are recognised:
 
+* attention layers of Hugging Face ``transformers`` models (5.x: those whose ``forward`` dispatches through
+  ``ALL_ATTENTION_FUNCTIONS``, e.g. ``BertSelfAttention``, ``LlamaAttention``): the weights ``eager`` returns, or, under
+  SDPA / flash / flex kernels, weights recomputed from the exact ``query`` / ``key`` / mask handed to the kernel
+  (after rotary embeddings, with grouped-query heads and padding masks) - see ``_hf_attention``;
 * modules with ``q_proj`` / ``k_proj`` linear projections and a head count (``heads``, ``num_heads``, ``n_heads``
   or ``num_attention_heads``), like the demo's ``SelfAttention`` on SDPA: forward hooks keep the outputs of
   ``q_proj`` and ``k_proj`` and the weights are recomputed from them by hand;
@@ -32,6 +36,11 @@ from lightning_techniques._internal.artifacts import ArtifactLogger
 from lightning_techniques._internal.eval_stages import EvaluationCallback
 from lightning_techniques._internal.optional import require
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
+from lightning_techniques.interpret._hf_attention import (
+    INTERFACE_PATCH,
+    hf_head_count,
+    is_hf_attention_layer,
+)
 
 _HEAD_ATTRS = ("heads", "num_heads", "n_heads", "num_attention_heads")
 
@@ -44,9 +53,18 @@ def _head_count(module: nn.Module) -> int | None:
     return None
 
 
-def is_attention_layer(module: nn.Module) -> bool:
-    """True for ``nn.MultiheadAttention`` and for q/k-projection modules (see the module docstring)."""
+def _layer_heads(module: nn.Module) -> int | None:
     if isinstance(module, nn.MultiheadAttention):
+        return module.num_heads
+    if is_hf_attention_layer(module):
+        return hf_head_count(module)
+    return _head_count(module)
+
+
+def is_attention_layer(module: nn.Module) -> bool:
+    """True for ``nn.MultiheadAttention``, ``transformers`` attention layers and q/k-projection modules (see the
+    module docstring)."""
+    if isinstance(module, nn.MultiheadAttention) or is_hf_attention_layer(module):
         return True
     return (
         isinstance(getattr(module, "q_proj", None), nn.Module)
@@ -108,6 +126,8 @@ class AttentionCapture:
     rotary position embedding, no attention mask other than ``causal``); an ``nn.TransformerEncoder`` that turns a
     padded batch into nested tensors (fast path with ``src_key_padding_mask``) is not recorded (a warning says so);
     ``nn.TransformerDecoderLayer``'s attention is recorded only when it runs its modules (it has no fused path).
+    ``causal`` and ``scale`` are for q/k-projection layers only: ``transformers`` layers bring their own mask and
+    scaling. For those, attention sinks (gpt-oss) and ALiBi-style biases applied inside a kernel are not included.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, causal: bool = False,
@@ -120,6 +140,8 @@ class AttentionCapture:
         self._handles: list[Any] = []
         self._pending: dict[str, dict[str, Tensor]] = {}
         self._in_side_call = False
+        self._hf_names: dict[int, str] = {}  # id(transformers attention module) -> name, read by INTERFACE_PATCH
+        self._hf_pending: dict[str, Tensor] = {}
 
     def __enter__(self) -> AttentionCapture:
         modules = dict(self.model.named_modules())
@@ -128,7 +150,11 @@ class AttentionCapture:
             parts = name.split(".")
             parent = modules.get(".".join(parts[:-1])) if len(parts) > 1 else None
             encoder = modules.get(".".join(parts[:-3])) if len(parts) > 3 else (self.model if len(parts) == 3 else None)
-            if (isinstance(parent, nn.TransformerEncoderLayer) and parent.self_attn is module
+            if is_hf_attention_layer(module):
+                self._hf_names[id(module)] = name
+                self._handles.append(module.register_forward_pre_hook(self._hf_clear(name)))
+                self._handles.append(module.register_forward_hook(self._hf_combine(name)))
+            elif (isinstance(parent, nn.TransformerEncoderLayer) and parent.self_attn is module
                     and isinstance(encoder, nn.TransformerEncoder) and parts[-3] == "layers"):
                 # a hook on (or inside) a TransformerEncoderLayer turns off PyTorch's fused inference path, whose
                 # results differ from the unfused path in the last bits: hook the encoder instead and replay
@@ -145,6 +171,8 @@ class AttentionCapture:
         for encoder_name, wanted in encoders.items():
             encoder = modules[encoder_name]
             self._handles.append(encoder.register_forward_hook(self._encoder_hook(wanted), with_kwargs=True))
+        if self._hf_names:
+            INTERFACE_PATCH.add(self)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -154,6 +182,7 @@ class AttentionCapture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        INTERFACE_PATCH.discard(self)
 
     def _keep(self, name: str, which: str) -> Any:
         def hook(_m: nn.Module, _i: Any, output: Tensor) -> None:
@@ -170,6 +199,26 @@ class AttentionCapture:
                 with torch.no_grad():
                     self.maps[name].append(attention_from_qk(pending["q"], pending["k"], heads, self.scale, self.causal))
             self._pending[name] = {}
+        return hook
+
+    def _hf_clear(self, name: str) -> Any:
+        def hook(_m: nn.Module, _i: Any) -> None:
+            self._hf_pending.pop(name, None)
+        return hook
+
+    def _hf_combine(self, name: str) -> Any:
+        def hook(module: nn.Module, _i: Any, output: Any) -> None:
+            weights = self._hf_pending.pop(name, None)  # set by the wrapped kernel (sdpa, flash, flex, ...)
+            if weights is None and isinstance(output, tuple) and len(output) > 1:
+                candidate = output[1]  # eager returns (output, weights)
+                if isinstance(candidate, Tensor) and candidate.ndim == 4:
+                    weights = candidate.detach()
+            if weights is None:
+                warnings.warn(f"{name} ({type(module).__name__}) ran, but its attention weights could not be "
+                              "recovered (the kernel was not looked up through transformers' AttentionInterface).",
+                              stacklevel=2)
+                return
+            self.maps[name].append(weights)
         return hook
 
     def _mha_hook(self, name: str) -> Any:
@@ -241,8 +290,9 @@ def resolve_attention_layers(model: nn.Module, layers: Sequence[str] | None) -> 
     if not found:
         kinds = sorted({type(m).__name__ for m in model.modules()})
         raise ValueError(
-            f"{type(model).__name__} has no attention layer (nn.MultiheadAttention, or a module with q_proj/k_proj "
-            f"and a head count attribute {list(_HEAD_ATTRS)}). Module types in it: {kinds}."
+            f"{type(model).__name__} has no attention layer (nn.MultiheadAttention, a transformers>=5 attention layer, "
+            f"or a module with q_proj/k_proj and a head count attribute {list(_HEAD_ATTRS)}). Module types in it: "
+            f"{kinds}."
         )
     if not layers:
         return found
@@ -270,14 +320,28 @@ def attention_maps(model: nn.Module, inputs: Any, layers: Sequence[str] | None =
     return {n: maps[0] for n, maps in capture.maps.items() if maps}
 
 
+def _short_layer_names(names: list[str]) -> tuple[list[str], str]:
+    """Row labels without the dotted prefix all ``names`` share (``model.bert.encoder.layer``), and that prefix."""
+    parts = [n.split(".") for n in names]
+    common = 0
+    if len(names) > 1:
+        while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+            common += 1
+    return [".".join(p[common:]) for p in parts], ".".join(parts[0][:common])
+
+
 def plot_attention(maps: dict[str, Tensor], sample: int = 0, heads: Sequence[int] | None = None,
                    token_labels: Sequence[str] | None = None, title: str = "") -> Any:
     """A matplotlib Figure: one heat map per (layer, head) of ``maps`` (``{layer: [B, H, Nq, Nk]}``) for ``sample``."""
     figure_mod = require("matplotlib.figure", "interpret", "attention figures")
     names = list(maps)
+    labels, prefix = _short_layer_names(names)
+    if prefix:
+        title = f"{title}\n{prefix}.*" if title else f"{prefix}.*"
     n_heads = max(m.shape[1] for m in maps.values())
     cols = list(heads) if heads is not None else list(range(n_heads))
-    fig = figure_mod.Figure(figsize=(1.7 * len(cols) + 0.6, 1.7 * len(names) + 0.4))
+    fig = figure_mod.Figure(figsize=(1.7 * len(cols) + 0.6, 1.7 * len(names) + 0.4 + 0.15 * title.count("\n")),
+                            layout="constrained")  # room for the (two-line) title
     axes = fig.subplots(len(names), len(cols), squeeze=False)
     for r, name in enumerate(names):
         for c, head in enumerate(cols):
@@ -291,7 +355,7 @@ def plot_attention(maps: dict[str, Tensor], sample: int = 0, heads: Sequence[int
             if r == 0:
                 ax.set_title(f"head {head}", fontsize=8)
             if c == 0:
-                ax.set_ylabel(name, fontsize=7)
+                ax.set_ylabel(labels[r], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     return fig
@@ -337,8 +401,9 @@ class AttentionMapLogger(EvaluationCallback):
     module's own forward pass on the first evaluation batch - no extra forward, outputs bit-identical.
 
     Weights are ``softmax(q k^T / sqrt(d_head))`` (Vaswani et al. 2017), recomputed from hooked ``q_proj``/
-    ``k_proj`` outputs for SDPA-based layers (SDPA returns no weights), or taken from a side call with
-    ``need_weights=True`` for ``nn.MultiheadAttention`` (see :class:`AttentionCapture`).
+    ``k_proj`` outputs for SDPA-based layers (SDPA returns no weights), taken from a side call with
+    ``need_weights=True`` for ``nn.MultiheadAttention``, and for ``transformers`` layers recomputed from the query,
+    key and mask handed to the attention kernel (see :class:`AttentionCapture`).
 
     Runs on global rank 0 only (other ranks do nothing, so no collective is involved); works under Lightning's
     ``inference_mode`` evaluation (it needs no gradients) and changes no train/eval mode or ``requires_grad`` flag.
@@ -363,11 +428,14 @@ class AttentionMapLogger(EvaluationCallback):
         trainer = L.Trainer(callbacks=[AttentionMapLogger(layers=["blocks.*.attn"], every_n_val_epochs=5)])
         trainer.fit(TinyTransformer(), datamodule=DigitsDataModule())
 
+    Hugging Face ``transformers`` (>= 5) models work as they are, with any ``attn_implementation``: a BERT wrapped in
+    the user's LightningModule gives layers like ``model.bert.encoder.layer.0.attention.self`` (glob
+    ``"*.attention.self"``), a Llama ``model.model.layers.0.self_attn``; padding masks, causal masks, rotary
+    embeddings and grouped-query heads are those the model itself used.
+
     Limits: q/k-projection layers must compute plain scaled dot-product attention of their projections (no rotary
-    embeddings, no padding mask); Hugging Face ``transformers`` models are not handled by this callback (this
-    environment has no ``transformers`` to test it; call the model with ``output_attentions=True`` and log
-    ``outputs.attentions`` with :func:`plot_attention` instead); see :class:`AttentionCapture` for
-    ``nn.TransformerEncoder`` with padding masks.
+    embeddings, no padding mask); see :class:`AttentionCapture` for ``nn.TransformerEncoder`` with padding masks and
+    for what is not included for ``transformers`` layers.
     """
 
     def __init__(
@@ -409,8 +477,8 @@ class AttentionMapLogger(EvaluationCallback):
         chosen = resolve_attention_layers(pl_module, self.layers)
         if self.heads is not None:
             for name, module in chosen.items():
-                count = module.num_heads if isinstance(module, nn.MultiheadAttention) else _head_count(module)
-                bad = [h for h in self.heads if h >= count]
+                count = _layer_heads(module)
+                bad = [h for h in self.heads if count is not None and h >= count]
                 if bad:
                     raise ValueError(f"heads {bad} do not exist in layer {name!r}, which has {count} heads.")
 

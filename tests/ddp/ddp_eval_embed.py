@@ -1,4 +1,5 @@
-"""DDP script of the eval_embed group (EvaluationReport, PermutationImportance, TSNELogger, AttentionMapLogger).
+"""DDP script of the eval_embed group (EvaluationReport, PermutationImportance, TSNELogger, AttentionMapLogger; the
+last also on a Hugging Face BERT when transformers is installed, in a second Trainer in the same processes).
 
 Launched by tests/test_evaluation.py::test_ddp_eval_embed_group as ``python ddp_eval_embed.py --out DIR``; Lightning
 starts the second rank. Each rank saves what it observed; the test asserts the ranks agree, that the synchronised
@@ -14,8 +15,8 @@ import torch
 
 from lightning_techniques import AttentionMapLogger, EvaluationReport, PermutationImportance, TSNELogger
 from lightning_techniques._internal.artifacts import artifact_dir
-from lightning_techniques.demo.data import DigitsDataModule
-from lightning_techniques.demo.models import TinyTransformer
+from lightning_techniques.demo.data import DigitsDataModule, TokenPresenceDataModule
+from lightning_techniques.demo.models import TinyBert, TinyTransformer
 from lightning_techniques.evaluation.report import classification_scalars, outputs_to_probabilities
 from lightning_techniques.testing import save_rank_result, script_out_dir
 
@@ -60,7 +61,7 @@ def main() -> None:
     test_reference = reference(model, dm.test_dataset)
     rank = trainer.global_rank
     files = sum(1 for p in artifact_dir(trainer).rglob("*") if p.is_file()) if rank == 0 else 0
-    save_rank_result(out, rank, {
+    result = {
         "weights": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "val_scalars": report.results["val"]["scalars"],
         "test_scalars": report.results["test"]["scalars"],
@@ -74,7 +75,23 @@ def main() -> None:
         "attention_layers": len(attention.last_maps),
         "tsne_points": len(tsne.last.get("labels", [])),
         "artifact_files": files,
-    })
+    }
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        save_rank_result(out, rank, result)
+        return
+    # a Hugging Face model (SDPA) under the same DDP processes: captured on rank 0 only, ranks stay in step
+    L.seed_everything(0)
+    bert = TinyBert()
+    hf_attention = AttentionMapLogger(layers=["*.attention.self"], every_n_val_epochs=1, num_samples=2)
+    trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=1, limit_train_batches=3,
+                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(out / "bert"), callbacks=[hf_attention])
+    trainer.fit(bert, datamodule=TokenPresenceDataModule(n_samples=256))
+    result["hf_weights"] = {k: v.detach().cpu() for k, v in bert.state_dict().items()}
+    result["hf_attention_layers"] = sorted(hf_attention.last_maps)
+    save_rank_result(out, rank, result)
 
 
 if __name__ == "__main__":

@@ -270,3 +270,18 @@ def test_demo_pieces_validate_their_arguments() -> None:
     x, y = dm.train_dataset.inputs, dm.train_dataset.targets
     assert torch.equal(y, (x == 7).any(1).long())  # the label is exactly "token 7 occurs"
     assert 0.35 < y.float().mean() < 0.65 and (x == 0).any() and (x[:, :4] != 0).all()
+
+
+def test_a_failing_evaluation_leaves_nothing_installed(tmp_path: Path) -> None:
+    class Failing(TinyBert):
+        def validation_step(self, batch, batch_idx):
+            self(batch[0])  # the capture recorded this forward...
+            raise RuntimeError("boom")  # ...and then the user's step fails
+
+    model = Failing()
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=[AttentionMapLogger()])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.validate(model, datamodule=TokenPresenceDataModule(n_samples=64), verbose=False)
+    assert _patch_removed()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

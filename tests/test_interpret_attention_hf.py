@@ -29,7 +29,7 @@ from transformers.modeling_utils import AttentionInterface  # noqa: E402
 from lightning_techniques import AttentionMapLogger  # noqa: E402
 from lightning_techniques._internal.eval_grad import describe_modes  # noqa: E402
 from lightning_techniques.demo import TinyBert, TokenPresenceDataModule  # noqa: E402
-from lightning_techniques.interpret._hf_attention import hf_attention_weights, hf_head_count  # noqa: E402
+from lightning_techniques.interpret._hf_attention import hf_attention_weights  # noqa: E402
 from lightning_techniques.interpret.attention import (  # noqa: E402
     AttentionCapture,
     find_attention_layers,
@@ -103,7 +103,9 @@ def test_llama_rotary_grouped_query_causal_and_padding() -> None:
     sdpa, eager = _pair(LlamaModel, config)
     ids, mask = _padded_batch()
     assert list(find_attention_layers(sdpa)) == ["layers.0.self_attn", "layers.1.self_attn"]
-    assert hf_head_count(sdpa.layers[0].self_attn) == 4  # from the config: the module has no head attribute
+    # the head count comes from the config (LlamaAttention has no head attribute): head 4 of 4 is refused up front
+    with pytest.raises(ValueError, match=r"heads \[4\] do not exist in layer 'layers.0.self_attn', which has 4 heads"):
+        AttentionMapLogger(heads=[0, 4]).setup(None, sdpa, "fit")
     for attention_mask in (None, mask):  # None: SDPA runs with is_causal=True and no mask at all
         with torch.no_grad():
             reference = eager(input_ids=ids, attention_mask=attention_mask, output_attentions=True)

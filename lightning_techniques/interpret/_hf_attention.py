@@ -51,16 +51,6 @@ def is_hf_attention_layer(module: nn.Module) -> bool:
     return _FORWARD_MENTIONS[cls]
 
 
-def hf_head_count(module: nn.Module) -> int | None:
-    """Query heads of a ``transformers`` attention layer (its own attribute, else its config's)."""
-    for attr in ("num_heads", "num_attention_heads", "n_heads", "heads"):
-        value = getattr(module, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    value = getattr(getattr(module, "config", None), "num_attention_heads", None)
-    return value if isinstance(value, int) and value > 0 else None
-
-
 @torch.no_grad()
 def hf_attention_weights(module: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None,
                          kwargs: dict[str, Any]) -> Tensor:

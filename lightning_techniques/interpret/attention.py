@@ -36,11 +36,7 @@ from lightning_techniques._internal.artifacts import ArtifactLogger
 from lightning_techniques._internal.eval_stages import EvaluationCallback
 from lightning_techniques._internal.optional import require
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
-from lightning_techniques.interpret._hf_attention import (
-    INTERFACE_PATCH,
-    hf_head_count,
-    is_hf_attention_layer,
-)
+from lightning_techniques.interpret._hf_attention import INTERFACE_PATCH, is_hf_attention_layer
 
 _HEAD_ATTRS = ("heads", "num_heads", "n_heads", "num_attention_heads")
 
@@ -56,9 +52,10 @@ def _head_count(module: nn.Module) -> int | None:
 def _layer_heads(module: nn.Module) -> int | None:
     if isinstance(module, nn.MultiheadAttention):
         return module.num_heads
-    if is_hf_attention_layer(module):
-        return hf_head_count(module)
-    return _head_count(module)
+    count = _head_count(module)
+    if count is None and is_hf_attention_layer(module):  # e.g. LlamaAttention keeps the count in its config only
+        count = getattr(getattr(module, "config", None), "num_attention_heads", None)
+    return count
 
 
 def is_attention_layer(module: nn.Module) -> bool:

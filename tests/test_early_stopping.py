@@ -59,7 +59,7 @@ def test_snapshot_and_restore_core() -> None:
     assert torch.equal(model.weight.detach(), state["weight"]) and model.weight is weight_object
 
 
-@pytest.mark.parametrize("storage", ["cpu", "disk"])
+@pytest.mark.parametrize("storage", ["device", "cpu", "disk"])
 def test_stops_and_restores_the_best_epoch_weights(tmp_path: Path, storage: str) -> None:
     scores = [0.9, 0.5, 0.3, 0.4, 0.45, 0.5, 0.6, 0.7]  # best at epoch 2; patience 2 -> stops after epoch 4
     recorder = WeightsPerEpoch()
@@ -103,7 +103,7 @@ def test_real_training_restored_model_scores_the_best_val_loss(tmp_path: Path) -
     assert result["val_loss"] == pytest.approx(float(early.best_score), rel=1e-5)
 
 
-@pytest.mark.parametrize("storage", ["cpu", "disk"])
+@pytest.mark.parametrize("storage", ["device", "cpu", "disk"])
 def test_exact_resume_keeps_best_weights_and_score(tmp_path: Path, storage: str) -> None:
     straight = assert_exact_resume(
         lambda: ScriptedMetric([0.9, 0.5, 0.7, 0.2, 0.6, 0.6]),
@@ -151,3 +151,130 @@ def test_missing_monitor_fails_before_training_goes_on(tmp_path: Path) -> None:
     early = EarlyStopping(monitor="nope")
     with pytest.raises(RuntimeError, match="nope"):
         _trainer(tmp_path, [early], max_epochs=1).fit(DigitsCNN(channels=4), datamodule=DigitsDataModule())
+
+
+# ---------------------------------------------------------------- drop-in for Lightning's EarlyStopping
+def test_bad_arguments_are_caught_as_misconfiguration_like_lightnings() -> None:
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    for kwargs in (dict(mode="median"), dict(patience=-1), dict(patience=2.5), dict(best_weights_storage="gpu"),
+                   dict(min_delta="0.1"), dict(min_delta=float("nan")), dict(stopping_threshold="low"),
+                   dict(best_weights_dir="/tmp/x")):
+        with pytest.raises(MisconfigurationException):
+            EarlyStopping(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="patience must be a non-negative integer"):
+        EarlyStopping(patience=-1)
+    with pytest.raises(TypeError, match="min_delta must be a real number"):
+        EarlyStopping(min_delta="0.1")  # type: ignore[arg-type]
+
+
+def test_accepts_numpy_numbers_like_lightning() -> None:
+    import numpy as np
+
+    early = EarlyStopping(monitor="val_loss", patience=np.int64(4), min_delta=np.float32(0.5),
+                          stopping_threshold=np.float64(0.1))
+    assert early.patience == 4 and type(early.patience) is int
+    assert early.min_delta == -0.5 and early.stopping_threshold == pytest.approx(0.1)
+
+
+class Float64Metric(ScriptedMetric):
+    def on_validation_epoch_end(self) -> None:
+        epoch = min(self.current_epoch, len(self.scores) - 1)
+        self.log("val_score", torch.tensor(self.scores[epoch], dtype=torch.float64))
+
+
+def test_float64_metric_is_compared_at_its_own_precision(tmp_path: Path) -> None:
+    """1 - 1e-9 is below 1.0 in float64 but equal in float32: it must count as an improvement."""
+    recorder = WeightsPerEpoch()
+    early = EarlyStopping(monitor="val_score", patience=5)
+    model = Float64Metric([1.0, 1.0 - 1e-9, 1.0])
+    _trainer(tmp_path, [early, recorder], max_epochs=3).fit(model, datamodule=DigitsDataModule())
+    assert early.best_score.dtype == torch.float64 and float(early.best_score) == 1.0 - 1e-9
+    assert early.best_epoch == 1 and early.wait_count == 1
+    assert_same(snapshot_state(model), recorder.weights[1])
+
+
+def test_resume_from_a_lightning_earlystopping_checkpoint(tmp_path: Path) -> None:
+    """The state of Lightning's own EarlyStopping loads (best score, wait count); with no better score after the
+    resume the warning says why there are no weights - not that nothing was ever recorded."""
+    import warnings
+
+    from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
+
+    ckpt = tmp_path / "lightning_es.ckpt"
+    first = _trainer(tmp_path, [LightningEarlyStopping(monitor="val_score", patience=10)], max_epochs=2)
+    first.fit(ScriptedMetric([0.5, 0.2]), datamodule=DigitsDataModule())
+    first.save_checkpoint(ckpt)
+
+    ours = EarlyStopping(monitor="val_score", patience=10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, [ours], max_epochs=4).fit(ScriptedMetric([0.5, 0.2, 0.6, 0.7]),
+                                                     datamodule=DigitsDataModule(), ckpt_path=str(ckpt),
+                                                     weights_only=True)
+    messages = [str(w.message) for w in caught if "EarlyStopping" in str(w.message)]
+    assert float(ours.best_score) == pytest.approx(0.2) and ours.wait_count == 2
+    assert not any("ever recorded" in m for m in messages), messages
+    assert any("checkpoint that holds no best weights" in m for m in messages), messages
+    assert not ours.restored
+
+    # a better score after the resume is kept and restored as usual
+    better = EarlyStopping(monitor="val_score", patience=10)
+    recorder = WeightsPerEpoch()
+    model = ScriptedMetric([0.5, 0.2, 0.1, 0.7])
+    _trainer(tmp_path, [better, recorder], max_epochs=4).fit(model, datamodule=DigitsDataModule(),
+                                                             ckpt_path=str(ckpt), weights_only=True)
+    assert better.restored and better.best_epoch == 2
+    assert_same(snapshot_state(model), recorder.weights[2])
+
+
+def test_best_copy_is_kept_in_buffers_allocated_once(tmp_path: Path) -> None:
+    """Each improvement copies into the same preallocated buffers (no new allocation); the restore is exact."""
+
+    class PointerProbe(Callback):
+        def __init__(self, early: EarlyStopping) -> None:
+            self.early = early
+            self.pointers: dict[int, dict[str, int]] = {}
+
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:  # before this epoch's check
+            if self.early.best_weights is not None:
+                self.pointers[trainer.current_epoch] = {k: v.data_ptr() for k, v in self.early.best_weights.items()}
+
+    scores = [0.9, 0.8, 0.7, 0.6, 0.65]  # four improvements
+    early = EarlyStopping(monitor="val_score", patience=5)
+    probe, recorder = PointerProbe(early), WeightsPerEpoch()
+    model = ScriptedMetric(scores)
+    _trainer(tmp_path, [early, probe, recorder], max_epochs=5).fit(model, datamodule=DigitsDataModule())
+    # seen after the improvements of epochs 0, 1, 2 and 3 (Lightning runs EarlyStopping's epoch-end hook last)
+    assert early.best_epoch == 3 and set(probe.pointers) == {1, 2, 3, 4}
+    final = {k: v.data_ptr() for k, v in early.best_weights.items()}
+    assert all(p == final for p in probe.pointers.values())
+    params = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    assert not set(params.values()) & set(final.values())  # a copy, not an alias of the weights
+    assert_same(snapshot_state(model), recorder.weights[3])
+
+
+def test_copy_state_into_reuses_or_reallocates() -> None:
+    from lightning_techniques.regularization.early_stopping import copy_state_into
+
+    model = nn.Linear(3, 2)
+    buffers = copy_state_into(model)
+    pointer = buffers["weight"].data_ptr()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    again = copy_state_into(model, buffers)
+    assert again is buffers and buffers["weight"].data_ptr() == pointer
+    assert torch.equal(buffers["weight"], model.weight.detach())
+    grown = copy_state_into(nn.Linear(4, 2), buffers)  # shapes changed: new buffers
+    assert grown["weight"].shape == (2, 4)
+
+
+@pytest.mark.gpu
+def test_device_storage_stays_on_the_gpu(tmp_path: Path) -> None:
+    early = EarlyStopping(monitor="val_score", patience=5)
+    recorder = WeightsPerEpoch()
+    model = ScriptedMetric([0.9, 0.8, 0.85])
+    _trainer(tmp_path, [early, recorder], max_epochs=3, accelerator="gpu").fit(model, datamodule=DigitsDataModule())
+    assert all(v.is_cuda for v in early.best_weights.values())
+    assert all(v.device.type == "cpu" for v in early.state_dict()["best_weights"].values())
+    assert_same(snapshot_state(model), recorder.weights[1])

@@ -123,10 +123,10 @@ def trained(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("patch")
     common = dict(selection="per_class", samples_per_class=6, max_samples=12, explain="label")
     loggers = {
-        "saliency": SaliencyLogger(every_n_epochs=2, **common),
-        "ig": IntegratedGradientsLogger(n_steps=32, every_n_epochs=2, **common),
-        "deeplift": DeepLiftLogger(every_n_epochs=2, **common),
-        "gradcam": GradCAMLogger(every_n_epochs=2, **common),
+        "saliency": SaliencyLogger(every_n_val_epochs=2, **common),
+        "ig": IntegratedGradientsLogger(n_steps=32, every_n_val_epochs=2, **common),
+        "deeplift": DeepLiftLogger(every_n_val_epochs=2, **common),
+        "gradcam": GradCAMLogger(every_n_val_epochs=2, **common),
     }
     probe = ModeProbe()
     model, data = PatchCNN(), PatchData()
@@ -200,7 +200,7 @@ def test_logged_attributions_put_mass_on_the_patch(trained, key: str, name: str,
 def test_ig_completeness_gap_is_small_and_logged(trained) -> None:
     logger = trained["loggers"]["ig"]
     events = [h for h in logger.history if h["stage"] == "val"]
-    assert [e["step"] for e in events] == [24, 48]  # validation runs 2 and 4 of 4 (12 steps each; every_n_epochs=2)
+    assert [e["step"] for e in events] == [24, 48]  # validation runs 2 and 4 of 4 (12 steps each; every_n_val_epochs=2)
     assert events[-1]["completeness_relative_gap_max"] < 0.02
     table = sorted(trained["artifacts"].glob("integrated_gradients/val/completeness_step*.csv"))
     assert len(table) == 2
@@ -397,9 +397,9 @@ def test_sample_selection_rules() -> None:
 # ---------------------------------------------------------------------------------------------------- loggers on the demo
 def test_shap_and_lime_loggers_on_digits(tmp_path) -> None:
     L.seed_everything(0, verbose=False)
-    shap_logger = SHAPLogger(explainer="auto", background_size=16, max_samples=3, every_n_epochs=1)
+    shap_logger = SHAPLogger(explainer="auto", background_size=16, max_samples=3, every_n_val_epochs=1)
     lime_logger = LIMELogger(superpixel_size=2, n_samples=50, max_samples=3, selection="confident_wrong",
-                             every_n_epochs=1)
+                             every_n_val_epochs=1)
     tensorboard = TensorBoardLogger(str(tmp_path), name="tb")
     trainer = quiet(max_epochs=1, limit_train_batches=5, limit_val_batches=1, default_root_dir=str(tmp_path),
                     callbacks=[shap_logger, lime_logger], logger=tensorboard)
@@ -426,7 +426,7 @@ def test_shap_and_lime_loggers_on_digits(tmp_path) -> None:
 def test_tabular_inputs_get_a_feature_map(tmp_path) -> None:
     from lightning_techniques.demo import BreastCancerDataModule
 
-    ig = IntegratedGradientsLogger(n_steps=16, max_samples=2, every_n_epochs=1)
+    ig = IntegratedGradientsLogger(n_steps=16, max_samples=2, every_n_val_epochs=1)
     trainer = quiet(max_epochs=1, limit_train_batches=2, default_root_dir=str(tmp_path), callbacks=[ig])
     trainer.fit(TabularMLP(), datamodule=BreastCancerDataModule())
     assert np.load(next((tmp_path / "artifacts" / "integrated_gradients" / "val").glob("attributions_*.npy"))).shape == (2, 30)
@@ -435,11 +435,11 @@ def test_tabular_inputs_get_a_feature_map(tmp_path) -> None:
 
 def test_exact_resume_keeps_samples_and_training(tmp_path) -> None:
     def callbacks():
-        return [IntegratedGradientsLogger(n_steps=8, max_samples=3, selection="confident_wrong", every_n_epochs=1),
-                GradCAMLogger(max_samples=3, every_n_epochs=2), LIMELogger(n_samples=20, max_samples=2, every_n_epochs=1),
-                DeepLiftLogger(max_samples=2, every_n_epochs=1),
-                SHAPLogger(explainer="gradient", background_size=8, max_samples=2, every_n_epochs=2),
-                SaliencyLogger(max_samples=2, every_n_epochs=1)]
+        return [IntegratedGradientsLogger(n_steps=8, max_samples=3, selection="confident_wrong", every_n_val_epochs=1),
+                GradCAMLogger(max_samples=3, every_n_val_epochs=2), LIMELogger(n_samples=20, max_samples=2, every_n_val_epochs=1),
+                DeepLiftLogger(max_samples=2, every_n_val_epochs=1),
+                SHAPLogger(explainer="gradient", background_size=8, max_samples=2, every_n_val_epochs=2),
+                SaliencyLogger(max_samples=2, every_n_val_epochs=1)]
 
     straight = assert_exact_resume(lambda: DigitsCNN(channels=8), lambda: DigitsDataModule(), callbacks, tmp_path,
                                    total_steps=8, split_step=3,
@@ -451,7 +451,7 @@ def test_exact_resume_keeps_samples_and_training(tmp_path) -> None:
 
 # ---------------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("cls, kwargs, match", [
-    (SaliencyLogger, {"every_n_epochs": 0}, "every_n_epochs"),
+    (SaliencyLogger, {"every_n_val_epochs": 0}, "every_n_val_epochs"),
     (SaliencyLogger, {"selection": "random"}, "selection"),
     (IntegratedGradientsLogger, {"n_steps": 0}, "n_steps"),
     (IntegratedGradientsLogger, {"explain": "logit"}, "explain"),
@@ -519,7 +519,7 @@ def test_iterable_validation_data_is_refused_clearly(tmp_path) -> None:
             return DataLoader(Stream(), batch_size=4)
 
     trainer = quiet(max_epochs=1, limit_train_batches=1, default_root_dir=str(tmp_path),
-                    callbacks=[SaliencyLogger(every_n_epochs=1)])
+                    callbacks=[SaliencyLogger(every_n_val_epochs=1)])
     with pytest.raises(TypeError, match="map-style val dataset"):
         trainer.fit(DigitsCNN(channels=4), datamodule=StreamData())
 
@@ -527,7 +527,7 @@ def test_iterable_validation_data_is_refused_clearly(tmp_path) -> None:
 @pytest.mark.gpu
 def test_loggers_find_the_patch_on_a_gpu(tmp_path) -> None:
     L.seed_everything(0, verbose=False)
-    common = dict(selection="per_class", samples_per_class=4, max_samples=8, explain="label", every_n_epochs=4)
+    common = dict(selection="per_class", samples_per_class=4, max_samples=8, explain="label", every_n_val_epochs=4)
     loggers = [IntegratedGradientsLogger(**common), GradCAMLogger(**common), SHAPLogger(explainer="auto", **common),
                LIMELogger(superpixel_size=1, n_samples=300, **common)]
     data = PatchData()

@@ -8,17 +8,78 @@ N validation epochs" continues correctly after a resume. :class:`EvaluationCallb
 overrides the ``_start`` / ``_batch_start`` / ``_batch_end`` / ``_finish`` / ``_stop`` steps it needs.
 
 Stages are ``"validate"`` and ``"test"``. The sanity check never counts and never reaches ``_finish``.
+
+Callbacks that fetch samples of their own (attribution loggers take fixed samples by dataset index; SHAP takes a
+background set) must see them exactly as the model does in that stage. :func:`batch_as_seen` /
+:func:`fetch_samples` are the one way to do that: they run a collated batch through what Lightning's loops run
+before ``*_step`` (``precision_plugin.convert_input``, ``on_before_batch_transfer``, the strategy's
+``batch_to_device`` = ``transfer_batch_to_device`` + ``on_after_batch_transfer``, each on the module *or* the
+datamodule as Lightning's own hook selector picks it, and so also every batch transform of this package, which wrap
+``on_after_batch_transfer``), with ``trainer.state.stage`` set to that stage so hooks that branch on it
+(``self.trainer.training``) take the right branch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer import call
+from lightning.pytorch.trainer.states import RunningStage
+from lightning_utilities.core.apply_func import apply_to_collection
+
+_RUNNING_STAGE = {
+    "train": RunningStage.TRAINING,
+    "validate": RunningStage.VALIDATING,
+    "test": RunningStage.TESTING,
+    "predict": RunningStage.PREDICTING,
+}
+
+
+@contextmanager
+def running_stage(trainer: Any, stage: str) -> Iterator[None]:
+    """Inside the context ``trainer.state.stage`` is ``stage``'s ``RunningStage`` (restored afterwards)."""
+    if stage not in _RUNNING_STAGE:
+        raise ValueError(f"stage={stage!r} is invalid; choose one of {list(_RUNNING_STAGE)}.")
+    before = trainer.state.stage
+    trainer.state.stage = _RUNNING_STAGE[stage]
+    try:
+        yield
+    finally:
+        trainer.state.stage = before
+
+
+def batch_as_seen(trainer: Any, batch: Any, stage: str, dataloader_idx: int = 0) -> Any:
+    """``batch`` (as a DataLoader of ``stage`` yields it, on the CPU) turned into what ``*_step`` of ``stage``
+    receives: Lightning's precision conversion, ``on_before_batch_transfer``, ``transfer_batch_to_device`` and
+    ``on_after_batch_transfer`` (module's or datamodule's, as Lightning picks; this package's batch transforms
+    included), in that order, on the strategy's root device. No gradients are recorded. Call it on the rank that
+    uses the result (no collective is involved)."""
+    with running_stage(trainer, stage), torch.no_grad():
+        batch = trainer.precision_plugin.convert_input(batch)
+        batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=dataloader_idx)
+        return call._call_strategy_hook(trainer, "batch_to_device", batch, dataloader_idx=dataloader_idx)
+
+
+def fetch_samples(trainer: Any, dataset: Any, indices: Sequence[int], stage: str,
+                  collate: Callable[[list[Any]], Any] | None = None, dataloader_idx: int = 0) -> tuple[Any, Any]:
+    """``(raw, seen)``: samples ``dataset[i]`` collated by ``collate`` (the loader's ``collate_fn``; default
+    ``default_collate``) - ``raw`` as the loader yields it (a copy: hooks that change a batch in place do not reach
+    it), ``seen`` after :func:`batch_as_seen` (what the model is given in ``stage``)."""
+    collate = collate or torch.utils.data.default_collate
+    raw = collate([dataset[int(i)] for i in indices])
+    copy = apply_to_collection(raw, torch.Tensor, torch.clone)
+    return raw, batch_as_seen(trainer, copy, stage, dataloader_idx)
 
 
 class EvaluationCallback(Callback):
     """Base class: see the module docstring. Subclasses set ``self.every_n_val_epochs`` (0: never during fit)."""
+
+    takes_over: frozenset[str] = frozenset({"eval_hooks"})  # see lightning_techniques/_internal/conflicts.py
+    conflicts_with: tuple[str, ...] = ()
 
     every_n_val_epochs: int = 1
 

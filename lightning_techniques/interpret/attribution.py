@@ -11,7 +11,7 @@ Functional core (plain torch + Captum, no Lightning):
 
 Lightning adapter: :class:`AttributionLogger` is the ONE base class of every attribution logger (this module's
 and those in :mod:`.gradcam` and :mod:`.shap_lime`). It chooses a fixed set of samples once (per class, or the
-most confidently wrong), logs every ``every_n_epochs`` validation runs and at test end, on global rank 0 only, with
+most confidently wrong), logs every ``every_n_val_epochs`` validation runs and at test end, on global rank 0 only, with
 the unwrapped ``trainer.lightning_module`` (no DDP forward, no collective), inside
 :func:`~lightning_techniques._internal.eval_grad.gradients_enabled` (so it works under Lightning's
 ``inference_mode`` evaluation and restores train/eval modes and ``requires_grad`` flags), with the global RNGs
@@ -37,10 +37,12 @@ from torch import Tensor, nn
 from lightning_techniques._internal.artifacts import ArtifactLogger
 from lightning_techniques._internal.batch import get_inputs, get_targets
 from lightning_techniques._internal.eval_grad import gradients_enabled, usable_tensor
+from lightning_techniques._internal.eval_stages import fetch_samples
 from lightning_techniques._internal.optional import require
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
 
 SELECTIONS = ("per_class", "confident_wrong")
+_LOOP_STAGE = {"val": "validate", "test": "test"}
 EXPLAIN = ("prediction", "label")
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,6 +279,26 @@ def _first_loader(loaders: Any) -> Any:
     return loaders
 
 
+def resolve_every_n_val_epochs(owner: str, every_n_val_epochs: int | None, every_n_epochs: int | None,
+                               default: int) -> int:
+    """The logging period from ``every_n_val_epochs`` and its deprecated old name ``every_n_epochs`` (a
+    ``FutureWarning`` names the new one; giving both is a ``ValueError``); ``default`` when neither is given."""
+    if every_n_epochs is not None:
+        if every_n_val_epochs is not None:
+            raise ValueError(
+                f"{owner}: got every_n_val_epochs={every_n_val_epochs!r} and every_n_epochs={every_n_epochs!r}; "
+                "every_n_epochs is the deprecated old name of every_n_val_epochs - pass only every_n_val_epochs."
+            )
+        warnings.warn(
+            f"{owner}(every_n_epochs=...) is deprecated and will be removed; use every_n_val_epochs={every_n_epochs!r} "
+            "(same meaning: log every N-th validation run), the name every evaluation logger uses.",
+            FutureWarning,
+            stacklevel=4,
+        )
+        return every_n_epochs
+    return default if every_n_val_epochs is None else every_n_val_epochs
+
+
 class AttributionLogger(Callback):
     """Base class of every attribution logger: fixed samples, frequency, rank 0 only, overlays + raw arrays.
 
@@ -288,22 +310,27 @@ class AttributionLogger(Callback):
     * **Samples**: chosen once from the validation set (``selection="per_class"``: ``samples_per_class`` of every
       class by a ``seed``-ed pick; ``"confident_wrong"``: the ``max_samples`` most confidently misclassified,
       computed with the model of the first logging event), by dataset index, kept in the callback state (a resumed
-      run uses the same samples). At test end a set is chosen the same way from the test set.
-    * **When**: every ``every_n_epochs``-th validation run (sanity checking excluded) and at the end of
+      run uses the same samples). At test end a set is chosen the same way from the test set. The samples (and
+      SHAP's background) are passed through the stage's batch-transfer hooks exactly as Lightning's loop passes a
+      batch (``on_before_batch_transfer``, device transfer, ``on_after_batch_transfer`` of the module or
+      datamodule, this package's normalisation and other batch transforms): the maps explain the inputs the
+      model really sees in that stage.
+    * **When**: every ``every_n_val_epochs``-th validation run (sanity checking excluded) and at the end of
       ``trainer.test`` (``log_on_test``).
     * **Where**: global rank 0 only, on the unwrapped ``trainer.lightning_module``; other ranks do nothing and wait
       for nothing (no collective is involved).
     * **What**: ``<name>/<stage>/overlay`` (PNG: inputs over heatmap overlays, columns in the samples table's
-      order), ``<name>/<stage>/attributions`` and ``/inputs`` (``.npy``), ``<name>/<stage>/samples`` (table: dataset
+      order), ``<name>/<stage>/attributions``, ``/inputs`` (as the model saw them) and ``/raw_inputs`` (as the
+      loader yielded them, for display) (``.npy``), ``<name>/<stage>/samples`` (table: dataset
       index, label, prediction, explained class), plus what the method adds (IG: the completeness table), through
       the shared artefact logger; numeric summaries as metrics to the attached loggers; a short summary per event in
       ``self.history`` (checkpointed) and the latest arrays in ``self.last``.
 
-    Each subclass's default ``every_n_epochs`` keeps the logging cost under 10% of the demo's training time
+    Each subclass's default ``every_n_val_epochs`` keeps the logging cost under 10% of the demo's training time
     (measured by ``benchmarks/attribution_cost.py``): saliency 2, IG 5, DeepLIFT 2, Grad-CAM 2, SHAP 40, LIME 50.
 
     Args:
-        every_n_epochs: log every this many validation runs.
+        every_n_val_epochs: log every N-th validation run (default: the subclass's, see above).
         selection: ``"per_class"`` or ``"confident_wrong"``.
         samples_per_class: samples per class for ``"per_class"``.
         max_samples: cap on the number of samples (the count for ``"confident_wrong"``).
@@ -312,16 +339,22 @@ class AttributionLogger(Callback):
         seed: seed of the sample pick and of stochastic methods (private RNG; training's RNG is untouched).
         name: artefact name prefix (default: the method's name).
         input_key / target_key: where input and target are in a dict/tuple batch.
+        class_names: names of the classes for figure titles (default: class indices).
+        every_n_epochs: deprecated old name of ``every_n_val_epochs`` (a ``FutureWarning``; not both).
 
     Limits: the module's ``forward`` must take the input tensor and return ``[B, num_classes]`` logits; the
     evaluation dataset must be map-style (indexable); FSDP/DeepSpeed are refused (sharded weights).
     """
 
+    takes_over: frozenset[str] = frozenset({"eval_hooks"})  # see lightning_techniques/_internal/conflicts.py
+    conflicts_with: tuple[str, ...] = ()
+
     method_name = "attribution"
+    default_every_n_val_epochs = 1
 
     def __init__(
         self,
-        every_n_epochs: int = 1,
+        every_n_val_epochs: int | None = None,
         selection: str = "per_class",
         samples_per_class: int = 1,
         max_samples: int = 10,
@@ -331,8 +364,12 @@ class AttributionLogger(Callback):
         name: str | None = None,
         input_key: str | int | None = None,
         target_key: str | int | None = None,
+        class_names: list[str] | None = None,
+        every_n_epochs: int | None = None,
     ) -> None:
-        check_positive("every_n_epochs", every_n_epochs, integer=True)
+        every_n_val_epochs = resolve_every_n_val_epochs(type(self).__name__, every_n_val_epochs, every_n_epochs,
+                                                        self.default_every_n_val_epochs)
+        check_positive("every_n_val_epochs", every_n_val_epochs, integer=True)
         check_choice("selection", selection, SELECTIONS)
         check_positive("samples_per_class", samples_per_class, integer=True)
         check_positive("max_samples", max_samples, integer=True)
@@ -340,8 +377,10 @@ class AttributionLogger(Callback):
         check_number("seed", seed, low=0, integer=True)
         if name is not None and (not isinstance(name, str) or not name.strip()):
             raise ValueError(f"name must be a non-empty string or None, got {name!r}.")
+        if class_names is not None and (isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names)):
+            raise TypeError(f"class_names must be a list of strings or None, got {class_names!r}.")
         require("matplotlib", "interpret", type(self).__name__)
-        self.every_n_epochs = every_n_epochs
+        self.every_n_val_epochs = every_n_val_epochs
         self.selection = selection
         self.samples_per_class = samples_per_class
         self.max_samples = max_samples
@@ -351,10 +390,19 @@ class AttributionLogger(Callback):
         self.name = name or self.method_name
         self.input_key = input_key
         self.target_key = target_key
+        self.class_names = list(class_names) if class_names is not None else None
         self.indices: dict[str, list[int] | None] = {"val": None, "test": None}
         self.validation_runs = 0
         self.history: list[dict[str, Any]] = []
+        self.event_stage = "val"  # the stage of the event being logged ("val" / "test")
         self.last: dict[str, Tensor] = {}  # the latest event's inputs / targets / attributions (rank 0), for users
+
+    @property
+    def every_n_epochs(self) -> int:
+        """Deprecated name of :attr:`every_n_val_epochs` (read-only)."""
+        warnings.warn(f"{type(self).__name__}.every_n_epochs is deprecated; read every_n_val_epochs.", FutureWarning,
+                      stacklevel=2)
+        return self.every_n_val_epochs
 
     @property
     def state_key(self) -> str:
@@ -383,7 +431,7 @@ class AttributionLogger(Callback):
         if trainer.sanity_checking:
             return
         self.validation_runs += 1
-        if self.validation_runs % self.every_n_epochs == 0:
+        if self.validation_runs % self.every_n_val_epochs == 0:
             self._dataset_and_collate(trainer, "val")  # an unusable dataset fails on every rank alike (none waits)
             if trainer.is_global_zero:
                 self.log_event(trainer, "val")
@@ -408,11 +456,21 @@ class AttributionLogger(Callback):
         collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
         return dataset, collate
 
-    def _fetch(self, dataset: Any, collate: Any, indices: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor]:
-        batch = collate([dataset[i] for i in indices])
-        inputs = get_inputs(batch, self.input_key)
-        targets = get_targets(batch, self.target_key)
-        return usable_tensor(inputs).to(device), class_labels(usable_tensor(targets)).to(device)
+    def _fetch(self, trainer: Any, dataset: Any, collate: Any, indices: Sequence[int],
+               stage: str) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(inputs, labels, raw_inputs)`` of ``dataset[indices]`` as the model sees them in ``stage`` (``"val"`` /
+        ``"test"``): through the stage's batch-transfer hooks (the shared
+        :func:`~lightning_techniques._internal.eval_stages.fetch_samples`); ``raw_inputs`` are the loader's
+        inputs before any hook (None when a hook changed the batch's structure)."""
+        device = trainer.lightning_module.device
+        raw, batch = fetch_samples(trainer, dataset, indices, _LOOP_STAGE[stage], collate)
+        inputs = usable_tensor(get_inputs(batch, self.input_key)).to(device)
+        labels = class_labels(usable_tensor(get_targets(batch, self.target_key))).to(device)
+        try:
+            raw_inputs: Tensor | None = usable_tensor(get_inputs(raw, self.input_key)).cpu()
+        except (KeyError, IndexError, TypeError, ValueError):
+            raw_inputs = None
+        return inputs, labels, raw_inputs
 
     def _all_labels(self, dataset: Any, collate: Any) -> Tensor:
         targets = getattr(dataset, "targets", None)
@@ -424,13 +482,13 @@ class AttributionLogger(Callback):
             labels.append(class_labels(get_targets(batch, self.target_key)))
         return torch.cat(labels).cpu()
 
-    def _select(self, model: nn.Module, dataset: Any, collate: Any, device: torch.device) -> list[int]:
+    def _select(self, trainer: Any, model: nn.Module, dataset: Any, collate: Any, stage: str) -> list[int]:
         if self.selection == "per_class":
             return select_per_class(self._all_labels(dataset, collate), self.samples_per_class, self.max_samples, self.seed)
         probs, labels = [], []
         with torch.no_grad():
             for start in range(0, len(dataset), 256):
-                x, y = self._fetch(dataset, collate, range(start, min(start + 256, len(dataset))), device)
+                x, y, _ = self._fetch(trainer, dataset, collate, range(start, min(start + 256, len(dataset))), stage)
                 probs.append(model(x).float().softmax(dim=1).cpu())
                 labels.append(y.cpu())
         return select_confident_wrong(torch.cat(probs), torch.cat(labels), self.max_samples)
@@ -441,12 +499,14 @@ class AttributionLogger(Callback):
         model = trainer.lightning_module  # unwrapped: no DDP forward, no collective
         device = model.device
         dataset, collate = self._dataset_and_collate(trainer, stage)
+        self.event_stage = stage
         with gradients_enabled(model), private_rng(self.seed, device):
             if self.indices.get(stage) is None:
                 with torch.no_grad():
-                    self.indices[stage] = self._select(model, dataset, collate, device)
+                    self.indices[stage] = self._select(trainer, model, dataset, collate, stage)
             indices = list(self.indices[stage] or [])
-            inputs, labels = self._fetch(dataset, collate, indices, device)
+            # the samples as the model sees them in this stage (normalisation, user hooks ...), not dataset[i]
+            inputs, labels, raw_inputs = self._fetch(trainer, dataset, collate, indices, stage)
             with torch.no_grad():
                 logits = model(inputs).float()
             preds = logits.argmax(dim=1)
@@ -455,10 +515,13 @@ class AttributionLogger(Callback):
         tables = summary.pop("tables", {})
         step = int(trainer.global_step)
         self.last = {"inputs": inputs.cpu(), "labels": labels.cpu(), "explained": explained.cpu(),
-                     "attributions": attributions.detach().cpu()}
+                     "predictions": preds.cpu(), "attributions": attributions.detach().cpu()}
+        if raw_inputs is not None:
+            self.last["raw_inputs"] = raw_inputs
         event = {"stage": stage, "step": step, "num_samples": len(indices), **summary}
         self.history.append(event)
-        self._write(trainer, stage, step, indices, labels, preds, logits, explained, inputs, attributions, tables)
+        self._write(trainer, stage, step, indices, labels, preds, logits, explained, inputs, raw_inputs, attributions,
+                    tables)
         metrics = {f"{self.name}/{stage}/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}
         if metrics:
             for logger in trainer.loggers:
@@ -466,7 +529,8 @@ class AttributionLogger(Callback):
         return event
 
     def _write(self, trainer: Any, stage: str, step: int, indices: list[int], labels: Tensor, preds: Tensor,
-               logits: Tensor, explained: Tensor, inputs: Tensor, attributions: Tensor, tables: dict[str, Any]) -> None:
+               logits: Tensor, explained: Tensor, inputs: Tensor, raw_inputs: Tensor | None, attributions: Tensor,
+               tables: dict[str, Any]) -> None:
         artefacts = ArtifactLogger(trainer)
         prefix = f"{self.name}/{stage}"
         probs = logits.softmax(dim=1)
@@ -478,11 +542,15 @@ class AttributionLogger(Callback):
             "explained_class": explained.tolist(),
         }, step=step)
         artefacts.log_array(f"{prefix}/attributions", attributions.detach().float().cpu(), step=step)
-        artefacts.log_array(f"{prefix}/inputs", inputs.detach().float().cpu(), step=step)
+        artefacts.log_array(f"{prefix}/inputs", inputs.detach().float().cpu(), step=step)  # what the model saw
+        if raw_inputs is not None:
+            artefacts.log_array(f"{prefix}/raw_inputs", raw_inputs.float(), step=step)  # before the batch hooks
         for suffix, table in tables.items():
             artefacts.log_table(f"{prefix}/{suffix}", table, step=step)
         # one image, no matplotlib figure: a logging event must stay cheap (the samples table names the columns)
-        artefacts.log_image(f"{prefix}/overlay", overlay_grid(inputs, attributions), step=step)
+        # drawn over the raw inputs (as a reader knows them) where the hooks kept their shape
+        shown = raw_inputs if raw_inputs is not None and raw_inputs.shape == inputs.shape else inputs
+        artefacts.log_image(f"{prefix}/overlay", overlay_grid(shown, attributions), step=step)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -507,25 +575,28 @@ class SaliencyLogger(AttributionLogger):
     Saliency Maps", 2014 (Captum's ``Saliency``).
 
     Args:
-        every_n_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-            input_key, target_key: as for :class:`AttributionLogger` (when, which samples, which class).
+        every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
+            input_key, target_key, class_names, every_n_epochs (deprecated):
+            as for :class:`AttributionLogger` (when, which samples, which class).
 
     Example::
 
-        trainer = L.Trainer(callbacks=[SaliencyLogger(every_n_epochs=5)])
+        trainer = L.Trainer(callbacks=[SaliencyLogger(every_n_val_epochs=5)])
         trainer.fit(DigitsCNN(), datamodule=DigitsDataModule())   # <log_dir>/artifacts/saliency/val/overlay_*.png
 
     Limits: gradients are noisy and saturate; rank 0 only under DDP; FSDP/DeepSpeed refused.
     """
 
     method_name = "saliency"
+    default_every_n_val_epochs = 2
 
-    def __init__(self, every_n_epochs: int = 2, selection: str = "per_class", samples_per_class: int = 1,
+    def __init__(self, every_n_val_epochs: int | None = None, selection: str = "per_class", samples_per_class: int = 1,
                  max_samples: int = 10, explain: str = "prediction", log_on_test: bool = True, seed: int = 0,
                  name: str | None = None, input_key: str | int | None = None,
-                 target_key: str | int | None = None) -> None:
-        super().__init__(every_n_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-                         input_key, target_key)
+                 target_key: str | int | None = None,
+                 class_names: list[str] | None = None, every_n_epochs: int | None = None) -> None:
+        super().__init__(every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed,
+                         name, input_key, target_key, class_names, every_n_epochs)
         _captum_attr(type(self).__name__)
 
     def attribute(self, model: nn.Module, inputs: Tensor, target: Tensor, trainer: Any) -> tuple[Tensor, dict[str, Any]]:
@@ -545,25 +616,28 @@ class IntegratedGradientsLogger(AttributionLogger):
         n_steps: points of the path integral (Gauss-Legendre).
         baseline: constant baseline input (0 = black image / all-zero features).
         completeness_tolerance: relative gap above which a warning is issued.
-        every_n_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-            input_key, target_key: as for :class:`AttributionLogger` (when, which samples, which class).
+        every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
+            input_key, target_key, class_names, every_n_epochs (deprecated):
+            as for :class:`AttributionLogger` (when, which samples, which class).
 
     Example::
 
-        trainer = L.Trainer(callbacks=[IntegratedGradientsLogger(n_steps=64, every_n_epochs=5)])
+        trainer = L.Trainer(callbacks=[IntegratedGradientsLogger(n_steps=64, every_n_val_epochs=5)])
 
     Limits: costs ``n_steps`` forward/backward passes per sample; rank 0 only under DDP; FSDP/DeepSpeed refused.
     """
 
     method_name = "integrated_gradients"
+    default_every_n_val_epochs = 5
 
     def __init__(self, n_steps: int = 50, baseline: float = 0.0, completeness_tolerance: float = 0.05,
-                 every_n_epochs: int = 5, selection: str = "per_class", samples_per_class: int = 1,
+                 every_n_val_epochs: int | None = None, selection: str = "per_class", samples_per_class: int = 1,
                  max_samples: int = 10, explain: str = "prediction", log_on_test: bool = True, seed: int = 0,
                  name: str | None = None, input_key: str | int | None = None,
-                 target_key: str | int | None = None) -> None:
-        super().__init__(every_n_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-                         input_key, target_key)
+                 target_key: str | int | None = None,
+                 class_names: list[str] | None = None, every_n_epochs: int | None = None) -> None:
+        super().__init__(every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed,
+                         name, input_key, target_key, class_names, every_n_epochs)
         check_positive("n_steps", n_steps, integer=True)
         check_number("baseline", baseline)
         check_positive("completeness_tolerance", completeness_tolerance)
@@ -606,25 +680,28 @@ class DeepLiftLogger(AttributionLogger):
         baseline: constant reference input (0 = black image / all-zero features).
         completeness_tolerance: relative gap above which a warning is issued (a large gap means non-linearities
             called functionally, e.g. ``F.relu``, which DeepLIFT cannot see).
-        every_n_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-            input_key, target_key: as for :class:`AttributionLogger` (when, which samples, which class).
+        every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
+            input_key, target_key, class_names, every_n_epochs (deprecated):
+            as for :class:`AttributionLogger` (when, which samples, which class).
 
     Example::
 
-        trainer = L.Trainer(callbacks=[DeepLiftLogger(every_n_epochs=5)])
+        trainer = L.Trainer(callbacks=[DeepLiftLogger(every_n_val_epochs=5)])
 
     Limits: non-linearities must be ``nn.Module`` instances, each used once per forward; rank 0 only under DDP;
     FSDP/DeepSpeed refused.
     """
 
     method_name = "deeplift"
+    default_every_n_val_epochs = 2
 
-    def __init__(self, baseline: float = 0.0, completeness_tolerance: float = 0.05, every_n_epochs: int = 2,
+    def __init__(self, baseline: float = 0.0, completeness_tolerance: float = 0.05, every_n_val_epochs: int | None = None,
                  selection: str = "per_class", samples_per_class: int = 1, max_samples: int = 10,
                  explain: str = "prediction", log_on_test: bool = True, seed: int = 0, name: str | None = None,
-                 input_key: str | int | None = None, target_key: str | int | None = None) -> None:
-        super().__init__(every_n_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-                         input_key, target_key)
+                 input_key: str | int | None = None, target_key: str | int | None = None,
+                 class_names: list[str] | None = None, every_n_epochs: int | None = None) -> None:
+        super().__init__(every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed,
+                         name, input_key, target_key, class_names, every_n_epochs)
         check_number("baseline", baseline)
         check_positive("completeness_tolerance", completeness_tolerance)
         _captum_attr(type(self).__name__)

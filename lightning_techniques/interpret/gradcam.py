@@ -84,12 +84,13 @@ class GradCAMLogger(AttributionLogger):
         target_layer: qualified module name (e.g. ``"features.5"``); None = the last ``nn.Conv2d``.
         interpolate_mode: how the coarse map is upsampled to the input (``bilinear``, ``nearest``, ``bicubic``,
             ``area``).
-        every_n_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-            input_key, target_key: as for :class:`~lightning_techniques.interpret.attribution.AttributionLogger`.
+        every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
+            input_key, target_key, class_names, every_n_epochs (deprecated):
+            as for :class:`~lightning_techniques.interpret.attribution.AttributionLogger`.
 
     Example::
 
-        trainer = L.Trainer(callbacks=[GradCAMLogger(target_layer="features.5", every_n_epochs=5)])
+        trainer = L.Trainer(callbacks=[GradCAMLogger(target_layer="features.5", every_n_val_epochs=5)])
         trainer.fit(DigitsCNN(), datamodule=DigitsDataModule())   # <log_dir>/artifacts/gradcam/val/overlay_*.png
 
     Limits: image models ([B, C, H, W] inputs, a layer with a spatial output); the maps are as coarse as the layer;
@@ -97,13 +98,15 @@ class GradCAMLogger(AttributionLogger):
     """
 
     method_name = "gradcam"
+    default_every_n_val_epochs = 2
 
-    def __init__(self, target_layer: str | None = None, interpolate_mode: str = "bilinear", every_n_epochs: int = 2,
+    def __init__(self, target_layer: str | None = None, interpolate_mode: str = "bilinear", every_n_val_epochs: int | None = None,
                  selection: str = "per_class", samples_per_class: int = 1, max_samples: int = 10,
                  explain: str = "prediction", log_on_test: bool = True, seed: int = 0, name: str | None = None,
-                 input_key: str | int | None = None, target_key: str | int | None = None) -> None:
-        super().__init__(every_n_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-                         input_key, target_key)
+                 input_key: str | int | None = None, target_key: str | int | None = None,
+                 class_names: list[str] | None = None, every_n_epochs: int | None = None) -> None:
+        super().__init__(every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed,
+                         name, input_key, target_key, class_names, every_n_epochs)
         if target_layer is not None and (not isinstance(target_layer, str) or not target_layer):
             raise ValueError(f"target_layer must be a qualified module name or None, got {target_layer!r}.")
         check_choice("interpolate_mode", interpolate_mode, INTERPOLATION)

@@ -242,26 +242,29 @@ class SHAPLogger(AttributionLogger):
         explainer: ``"gradient"``, ``"deep"`` or ``"auto"``.
         background_size: number of training samples in the background set.
         nsamples: GradientExplainer samples per explained input.
-        every_n_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-            input_key, target_key: as for :class:`~lightning_techniques.interpret.attribution.AttributionLogger`.
+        every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
+            input_key, target_key, class_names, every_n_epochs (deprecated):
+            as for :class:`~lightning_techniques.interpret.attribution.AttributionLogger`.
 
     Example::
 
-        trainer = L.Trainer(callbacks=[SHAPLogger(background_size=64, every_n_epochs=5)])
+        trainer = L.Trainer(callbacks=[SHAPLogger(background_size=64, every_n_val_epochs=5)])
 
     Limits: single-tensor inputs; DeepExplainer cannot see functional non-linearities (``F.relu``) except through
     its additivity check; rank 0 only under DDP; FSDP/DeepSpeed refused.
     """
 
     method_name = "shap"
+    default_every_n_val_epochs = 40
 
     def __init__(self, explainer: str = "gradient", background_size: int = 64, nsamples: int = 200,
-                 every_n_epochs: int = 40, selection: str = "per_class", samples_per_class: int = 1,
+                 every_n_val_epochs: int | None = None, selection: str = "per_class", samples_per_class: int = 1,
                  max_samples: int = 10, explain: str = "prediction", log_on_test: bool = True, seed: int = 0,
                  name: str | None = None, input_key: str | int | None = None,
-                 target_key: str | int | None = None) -> None:
-        super().__init__(every_n_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-                         input_key, target_key)
+                 target_key: str | int | None = None,
+                 class_names: list[str] | None = None, every_n_epochs: int | None = None) -> None:
+        super().__init__(every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed,
+                         name, input_key, target_key, class_names, every_n_epochs)
         check_choice("explainer", explainer, EXPLAINERS)
         check_positive("background_size", background_size, integer=True)
         check_positive("nsamples", nsamples, integer=True)
@@ -282,23 +285,26 @@ class SHAPLogger(AttributionLogger):
         # explainer="deep": the forward-pass checks (reused / unsupported layers) need data, which exists from here
         # on - still before the first step. Every rank checks locally (no collective), so all ranks raise alike.
         if self.explainer == "deep":
-            problems = deep_explainer_problems(pl_module, self.background(trainer, pl_module.device)[:1])
+            problems = deep_explainer_problems(pl_module, self.background(trainer, "val")[:1])
             if problems:
                 raise ValueError(f"SHAPLogger(explainer='deep'): shap.DeepExplainer cannot explain this model "
                                  f"correctly: {problems}. Use explainer='gradient' or 'auto'.")
 
-    def background(self, trainer: Any, device: torch.device) -> Tensor:
-        """The background inputs (picked once from the training set; indices in ``self.indices['background']``)."""
+    def background(self, trainer: Any, stage: str = "val") -> Tensor:
+        """The background inputs (picked once from the training set; indices in ``self.indices['background']``), as
+        the model sees inputs in ``stage`` (``"val"`` / ``"test"``, the stage being explained): through that stage's
+        batch-transfer hooks, so a normalisation or a user's ``on_after_batch_transfer`` applies to the background
+        exactly as to the explained samples (training-only augmentation does not)."""
         dataset, collate = _train_dataset(trainer)
         if self.indices.get("background") is None:
             generator = torch.Generator().manual_seed(self.seed)
             count = min(self.background_size, len(dataset))
             self.indices["background"] = torch.randperm(len(dataset), generator=generator)[:count].tolist()
-        inputs, _ = self._fetch(dataset, collate, self.indices["background"] or [], device)
+        inputs, _, _ = self._fetch(trainer, dataset, collate, self.indices["background"] or [], stage)
         return inputs
 
     def attribute(self, model: nn.Module, inputs: Tensor, target: Tensor, trainer: Any) -> tuple[Tensor, dict[str, Any]]:
-        values, used = shap_attributions(model, inputs, target, self.background(trainer, inputs.device),
+        values, used = shap_attributions(model, inputs, target, self.background(trainer, self.event_stage),
                                          self.explainer, self.nsamples, self.seed)
         self.explainer_used = used
         return values, {"explainer": used}
@@ -318,26 +324,29 @@ class LIMELogger(AttributionLogger):
         n_samples: perturbations per explained sample.
         baseline: value of a switched-off superpixel.
         alpha: Lasso penalty of the interpretable model (0: plain weighted least squares).
-        every_n_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-            input_key, target_key: as for :class:`~lightning_techniques.interpret.attribution.AttributionLogger`.
+        every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
+            input_key, target_key, class_names, every_n_epochs (deprecated):
+            as for :class:`~lightning_techniques.interpret.attribution.AttributionLogger`.
 
     Example::
 
-        trainer = L.Trainer(callbacks=[LIMELogger(superpixel_size=2, n_samples=300, every_n_epochs=10)])
+        trainer = L.Trainer(callbacks=[LIMELogger(superpixel_size=2, n_samples=300, every_n_val_epochs=10)])
 
     Limits: model-agnostic but costs ``n_samples`` forwards per sample; grid superpixels (no image segmentation);
     rank 0 only under DDP; FSDP/DeepSpeed refused.
     """
 
     method_name = "lime"
+    default_every_n_val_epochs = 50
 
     def __init__(self, superpixel_size: int = 2, n_samples: int = 200, baseline: float = 0.0, alpha: float = 0.0,
-                 every_n_epochs: int = 50, selection: str = "per_class", samples_per_class: int = 1,
+                 every_n_val_epochs: int | None = None, selection: str = "per_class", samples_per_class: int = 1,
                  max_samples: int = 10, explain: str = "prediction", log_on_test: bool = True, seed: int = 0,
                  name: str | None = None, input_key: str | int | None = None,
-                 target_key: str | int | None = None) -> None:
-        super().__init__(every_n_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-                         input_key, target_key)
+                 target_key: str | int | None = None,
+                 class_names: list[str] | None = None, every_n_epochs: int | None = None) -> None:
+        super().__init__(every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed,
+                         name, input_key, target_key, class_names, every_n_epochs)
         check_positive("superpixel_size", superpixel_size, integer=True)
         check_positive("n_samples", n_samples, integer=True)
         check_number("baseline", baseline)

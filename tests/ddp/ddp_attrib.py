@@ -34,12 +34,12 @@ def main() -> None:
     out = script_out_dir()
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)
-    ig = IntegratedGradientsLogger(n_steps=16, max_samples=4, every_n_epochs=1)
-    cam = GradCAMLogger(max_samples=4, every_n_epochs=1)
-    shap = SHAPLogger(explainer="auto", background_size=8, max_samples=2, every_n_epochs=1)
-    saliency = SaliencyLogger(max_samples=2, every_n_epochs=1)
-    deeplift = DeepLiftLogger(max_samples=2, every_n_epochs=1)
-    lime = LIMELogger(n_samples=20, max_samples=2, every_n_epochs=1)
+    ig = IntegratedGradientsLogger(n_steps=16, max_samples=4, every_n_val_epochs=1)
+    cam = GradCAMLogger(max_samples=4, every_n_val_epochs=1)
+    shap = SHAPLogger(explainer="auto", background_size=8, max_samples=2, every_n_val_epochs=1)
+    saliency = SaliencyLogger(max_samples=2, every_n_val_epochs=1)
+    deeplift = DeepLiftLogger(max_samples=2, every_n_val_epochs=1)
+    lime = LIMELogger(n_samples=20, max_samples=2, every_n_val_epochs=1)
     model = DigitsCNN(channels=8)
     root = out / "run"
     trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, logger=False, enable_checkpointing=False,

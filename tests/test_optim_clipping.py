@@ -16,6 +16,7 @@ from lightning_techniques.demo import DigitsCNN, DigitsDataModule
 from lightning_techniques.optim.clipping import (
     AdaptiveGradientClipping,
     AutoClip,
+    SlidingWindowPercentile,
     adaptive_clip_grad_,
     autoclip_threshold,
     clip_grad_norm_to_,
@@ -223,3 +224,124 @@ def test_agc_excluding_everything_fails_in_setup(trainer_kwargs: dict) -> None:
 def test_builds_from_yaml(name: str, tmp_path: Path) -> None:
     cli = build_from_yaml(ROOT / f"configs/callbacks/{name}.yaml", extra_args=[f"--trainer.default_root_dir={tmp_path}"])
     assert any(type(cb).__name__ == name for cb in cli.trainer.callbacks)
+
+
+# ---------------------------------------------------------------- logging switch, bounded state, fused norms
+def _reference_agc_(params: list[torch.Tensor], clipping: float, eps: float) -> tuple[int, int]:
+    """The former per-tensor implementation (one host sync per tensor), kept as the numerical reference."""
+    clipped = total = 0
+    for p in params:
+        grad = p.grad
+        max_norm = unitwise_norm(p.detach().float()).clamp_min(eps) * clipping
+        grad_norm = unitwise_norm(grad.float())
+        trigger = grad_norm > max_norm
+        scale = torch.where(trigger, max_norm / grad_norm.clamp_min(1e-6), torch.ones_like(grad_norm))
+        grad.mul_(scale.to(grad.dtype))
+        clipped += int(trigger.sum())
+        total += trigger.numel()
+    return clipped, total
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_agc_matches_the_per_tensor_reference(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    shapes = [(6, 3, 3, 3), (6,), (10, 24), (10,), ()]
+    params = [nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
+    for p in params:
+        p.grad = (torch.randn(p.shape) * 0.1).to(dtype)
+    params[3].grad = None  # parameters without a gradient are ignored
+    reference = [nn.Parameter(p.detach().clone()) for p in params]
+    for r, p in zip(reference, params):
+        r.grad = None if p.grad is None else p.grad.clone()
+    expected = _reference_agc_([r for r in reference if r.grad is not None], 0.1, 1e-3)
+    assert adaptive_clip_grad_(params, 0.1, 1e-3) == expected
+    assert 0 < expected[0] < expected[1]
+    for r, p in zip(reference, params):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, r.grad, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
+
+
+def test_total_grad_norm_matches_torch_in_mixed_dtypes() -> None:
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(3).half()), nn.Parameter(torch.randn(2))]
+    params[0].grad, params[1].grad = torch.randn(5, 4) * 1e3, (torch.randn(3) * 300).half()  # fp16 sum of squares
+    expected = float(torch.linalg.vector_norm(torch.cat([p.grad.float().flatten() for p in params[:2]])))
+    assert total_grad_norm(params) == pytest.approx(expected, rel=1e-6)  # overflows fp16; computed in fp32
+    assert total_grad_norm([params[2]]) == 0.0
+
+
+def test_sliding_window_percentile_matches_numpy_on_the_window() -> None:
+    rng = np.random.default_rng(0)
+    stream = np.round(rng.lognormal(size=400), 2)  # rounded: many duplicate values
+    window = SlidingWindowPercentile(37)
+    for i, value in enumerate(stream):
+        window.append(float(value))
+        last = stream[max(0, i - 36): i + 1]
+        assert window.values == pytest.approx(list(last))
+        for p in (0.0, 10.0, 50.0, 99.0, 100.0):
+            assert window.percentile(p) == pytest.approx(np.percentile(last, p), rel=1e-12)
+    assert len(window) == 37
+
+
+def _drive_autoclip(auto: AutoClip, steps: int, seed: int = 0) -> list[float]:
+    """Run AutoClip's optimizer-step hook on a plain module (no Trainer) with random gradients."""
+    torch.manual_seed(seed)
+    model = nn.Linear(8, 4)
+    norms = []
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape) * float(torch.rand(()) * 5)
+        norms.append(total_grad_norm(model.parameters()))
+        auto.on_before_optimizer_step(None, model, None)
+    return norms
+
+
+def _state_bytes(state: dict) -> int:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return len(buffer.getvalue())
+
+
+def test_autoclip_state_and_per_step_work_stay_bounded() -> None:
+    auto = AutoClip(percentile=10, history_size=50)
+    norms = _drive_autoclip(auto, 120)
+    size_at_120 = _state_bytes(auto.state_dict())
+    assert auto.history == pytest.approx(norms[-50:], rel=1e-6)
+    assert len(auto._window._sorted) == 50  # the per-step work is over the window, not the run
+    assert auto.last_threshold == pytest.approx(np.percentile(norms[-50:], 10), rel=1e-6)
+    _drive_autoclip(auto, 200, seed=1)
+    assert auto.steps == 320 and len(auto.history) == 50 and len(auto._window._sorted) == 50
+    assert _state_bytes(auto.state_dict()) == size_at_120  # does not grow past the bound
+    # resume: a fresh instance loaded from the state clips exactly as the original from then on
+    clone = AutoClip(percentile=10, history_size=50)
+    clone.load_state_dict(auto.state_dict())
+    assert clone.history == auto.history and clone._window._sorted == auto._window._sorted
+    _drive_autoclip(auto, 30, seed=2)
+    _drive_autoclip(clone, 30, seed=2)
+    assert clone.history == auto.history and clone.last_threshold == auto.last_threshold
+
+
+def test_autoclip_default_window_is_bounded() -> None:
+    assert AutoClip().history_size == 10_000
+    assert AutoClip(history_size=None)._window.size is None  # the paper's unbounded history stays available
+
+
+@pytest.mark.parametrize("make", [lambda log: AdaptiveGradientClipping(clipping=0.01, log=log),
+                                  lambda log: AutoClip(percentile=50, log=log)], ids=["agc", "autoclip"])
+def test_log_false_logs_nothing_and_log_true_logs(make: Any, trainer_kwargs: dict) -> None:
+    # regression: the switch was kept in ``self.log``, which Lightning overwrites with the module's log before setup
+    for log in (False, True):
+        callback = make(log)
+        L.seed_everything(0)
+        trainer = L.Trainer(max_steps=3, callbacks=[callback], log_every_n_steps=1, **trainer_kwargs)
+        trainer.fit(DigitsCNN(channels=8), datamodule=DigitsDataModule(batch_size=32))
+        keys = {k for k in trainer.callback_metrics if k.startswith(f"{callback._prefix}/")}
+        assert callback.steps == 3
+        assert bool(keys) is log, keys
+
+
+def test_log_argument_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="log must be True or False"):
+        AutoClip(log="no")  # type: ignore[arg-type]

@@ -14,8 +14,10 @@ from torch import nn
 
 from lightning_techniques.demo import DigitsCNN, DigitsDataModule, TabularMLP
 from lightning_techniques.optim.guard import (
+    MAX_RECORDED_STEPS,
     NonFiniteGuard,
     NonFiniteTrainingError,
+    all_finite,
     drop_gradients_,
     nonfinite_gradients,
 )
@@ -203,3 +205,44 @@ def test_builds_from_yaml(tmp_path: Path) -> None:
                           extra_args=[f"--trainer.default_root_dir={tmp_path}"])
     guard = next(cb for cb in cli.trainer.callbacks if isinstance(cb, NonFiniteGuard))
     assert guard.max_consecutive_skips == 5
+
+
+# ---------------------------------------------------------------- cost and bounded state
+def test_fused_check_does_not_overflow_on_huge_finite_gradients() -> None:
+    # a sum of squares of 1e30 overflows float32 to inf; the max-abs check must not call that non-finite
+    a, b = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(2, 2, dtype=torch.float16))
+    a.grad, b.grad = torch.full((4,), 1e30), torch.full((2, 2), 6e4, dtype=torch.float16)
+    assert nonfinite_gradients([a, b]) == 0
+    assert bool(all_finite([a.grad, b.grad]))
+    b.grad[0, 1] = float("nan")
+    assert nonfinite_gradients([a, b]) == 1
+    assert not bool(all_finite([a.grad, b.grad]))
+
+
+def test_skipped_step_record_is_bounded() -> None:
+    from types import SimpleNamespace
+
+    guard = NonFiniteGuard(max_consecutive_skips=None)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sizes = []
+    for step in range(MAX_RECORDED_STEPS + 300):
+        for p in model.parameters():
+            p.grad = torch.full(p.shape, float("nan"))
+        guard.on_before_optimizer_step(SimpleNamespace(strategy=None, global_step=step), model, opt)
+        if step in (MAX_RECORDED_STEPS + 100, MAX_RECORDED_STEPS + 299):
+            sizes.append(len(guard.state_dict()["skipped_steps"]))
+    assert guard.skipped_total == MAX_RECORDED_STEPS + 300
+    assert guard.skipped_steps == list(range(300, MAX_RECORDED_STEPS + 300))  # the most recent ones
+    assert sizes == [MAX_RECORDED_STEPS, MAX_RECORDED_STEPS]
+
+
+def test_log_false_logs_nothing(trainer_kwargs: dict) -> None:
+    # regression: the switch was kept in ``self.log``, which Lightning overwrites with the module's log before setup
+    for log in (False, True):
+        guard = NonFiniteGuard(log=log)
+        L.seed_everything(0)
+        trainer = L.Trainer(max_steps=3, callbacks=[guard], log_every_n_steps=1, **trainer_kwargs)
+        trainer.fit(DigitsCNN(channels=8), datamodule=DigitsDataModule(batch_size=32))
+        keys = {k for k in trainer.callback_metrics if k.startswith("nonfinite_guard/")}
+        assert bool(keys) is log, keys

@@ -250,3 +250,22 @@ def test_auto_on_cuda_and_fp16_skips(trainer_kwargs: dict) -> None:
     assert [s for _, s in fp16.scale_history] == [1024.0, 1024.0, 512.0, 512.0, 512.0]
     assert probe.dtypes["features.0"] == {torch.float16} and probe.dtypes["head"] == {torch.float32}
     assert_same(poison.before[2], poison.after[2])
+
+
+def test_scale_history_and_skipped_steps_are_bounded(trainer_kwargs: dict) -> None:
+    from lightning_techniques.optim.guard import MAX_RECORDED_STEPS
+
+    plugin = SmartMixedPrecision("16-mixed", device="cpu", init_scale=1024.0, history_size=2)
+    _fit(plugin, trainer_kwargs, [Poison({2})], steps=5)
+    assert plugin.scale_history == [(3, 512.0), (4, 512.0)]  # the most recent history_size entries
+    assert plugin.skipped_steps == [2] and plugin.skipped_total == 1
+    # a long run's state stays bounded: loading an oversized (older, unbounded) state keeps only the tail
+    long_state = dict(plugin.state_dict(), scale_history=[[s, 1.0] for s in range(50)],
+                      skipped_steps=list(range(MAX_RECORDED_STEPS + 10)), skipped_total=MAX_RECORDED_STEPS + 10)
+    fresh = SmartMixedPrecision("16-mixed", device="cpu", history_size=2)
+    fresh.load_state_dict(long_state)
+    assert fresh.scale_history == [(48, 1.0), (49, 1.0)]
+    assert len(fresh.skipped_steps) == MAX_RECORDED_STEPS and fresh.skipped_steps[-1] == MAX_RECORDED_STEPS + 9
+    assert fresh.skipped_total == MAX_RECORDED_STEPS + 10
+    with pytest.raises(ValueError, match="history_size"):
+        SmartMixedPrecision("16-mixed", device="cpu", history_size=0)

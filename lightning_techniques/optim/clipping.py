@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 import math
 from collections.abc import Iterable, Sequence
@@ -18,16 +19,30 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_number, check_positive
 
 
 # ---------------------------------------------------------------------------------------------- functional core
+def _grads(parameters: Iterable[Tensor]) -> list[Tensor]:
+    return [p.grad.detach() for p in parameters if p.grad is not None]
+
+
+def grad_norm_tensor(grads: Sequence[Tensor]) -> Tensor:
+    """L2 norm of all ``grads`` together as a float32 0-d tensor on their device, without a host sync: one fused
+    ``torch._foreach_norm`` over the tensors (computed in float32, so fp16/bf16 gradients cannot overflow it) and the
+    norm of the stacked per-tensor norms, as ``torch.nn.utils.clip_grad_norm_`` does."""
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32)
+    device = grads[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+
+
 def total_grad_norm(parameters: Iterable[Tensor]) -> float:
     """L2 norm of all gradients together (parameters without ``.grad`` are ignored; 0.0 when none has one)."""
-    grads = [p.grad.detach() for p in parameters if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+    grads = _grads(parameters)
+    return float(grad_norm_tensor(grads)) if grads else 0.0
 
 
 def unitwise_norm(x: Tensor) -> Tensor:
@@ -37,6 +52,43 @@ def unitwise_norm(x: Tensor) -> Tensor:
     if x.ndim <= 1:
         return torch.linalg.vector_norm(x)
     return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+def _unit_norms(x: Tensor) -> Tensor:
+    """Unit-wise L2 norms of ``x`` as a flat float32 vector (one entry per output unit, one for ndim <= 1)."""
+    rows = x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(1, -1)
+    return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
+
+
+@torch.no_grad()
+def _agc_(
+    params: Sequence[Tensor], clipping: float, eps: float, skip_nonfinite: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """AGC on the parameters that have a gradient, without a host sync: the unit norms of every tensor are
+    concatenated and the clipping factors computed in one batch of vector ops, then each gradient is scaled once.
+    Returns ``(norm_before, norm_after, units_clipped)`` as 0-d tensors; the total norms come from the unit norms
+    (``||g|| = ||(||g_unit||)_unit||``), so no further pass over the gradients is needed. ``skip_nonfinite``: clip
+    nothing when the total norm is NaN/Inf (decided on the device)."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        zero = torch.zeros(())
+        return zero, zero, zero
+    device = params[0].grad.device
+    weight_norms = torch.cat([_unit_norms(p.detach()).to(device) for p in params])
+    grad_norms = torch.cat([_unit_norms(p.grad).to(device) for p in params])
+    max_norm = weight_norms.clamp_min(eps).mul_(clipping)
+    before = torch.linalg.vector_norm(grad_norms)
+    trigger = grad_norms > max_norm
+    if skip_nonfinite:
+        trigger &= torch.isfinite(before)
+    scale = torch.where(trigger, max_norm / grad_norms.clamp_min(1e-6), torch.ones_like(grad_norms))
+    sizes = [p.shape[0] if p.ndim >= 2 else 1 for p in params]
+    for p, s in zip(params, torch.split(scale, sizes)):
+        grad = p.grad
+        factor = s.view(-1, *([1] * (grad.ndim - 1))) if grad.ndim >= 2 else s.reshape(())
+        grad.mul_(factor.to(device=grad.device, dtype=grad.dtype))
+    after = torch.linalg.vector_norm(grad_norms * scale)
+    return before, after, trigger.sum()
 
 
 @torch.no_grad()
@@ -50,19 +102,23 @@ def adaptive_clip_grad_(
     """
     check_positive("clipping", clipping)
     check_positive("eps", eps)
-    clipped, total = 0, 0
-    for p in parameters:
-        if p.grad is None:
-            continue
-        grad = p.grad
-        max_norm = unitwise_norm(p.detach().float()).clamp_min(eps) * clipping
-        grad_norm = unitwise_norm(grad.float())
-        trigger = grad_norm > max_norm
-        scale = torch.where(trigger, max_norm / grad_norm.clamp_min(1e-6), torch.ones_like(grad_norm))
-        grad.mul_(scale.to(grad.dtype))
-        clipped += int(trigger.sum())
-        total += trigger.numel()
-    return clipped, total
+    params = [p for p in parameters if p.grad is not None]
+    total = sum(p.shape[0] if p.ndim >= 2 else 1 for p in params)
+    _, _, clipped = _agc_(params, float(clipping), float(eps))
+    return int(clipped), total
+
+
+def percentile_of_sorted(values: Sequence[float], percentile: float) -> float:
+    """The ``percentile``-th percentile (0-100) of already sorted ``values``, with the linear interpolation of
+    ``numpy.percentile`` / ``torch.quantile``: O(1)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("a percentile needs at least one value.")
+    position = (n - 1) * percentile / 100.0
+    low = math.floor(position)
+    high = min(low + 1, n - 1)
+    fraction = position - low
+    return float(values[low] + (values[high] - values[low]) * fraction)
 
 
 def autoclip_threshold(history: Sequence[float], percentile: float) -> float:
@@ -70,20 +126,46 @@ def autoclip_threshold(history: Sequence[float], percentile: float) -> float:
     check_number("percentile", percentile, low=0.0, high=100.0)
     if not history:
         raise ValueError("autoclip_threshold needs at least one gradient norm in history.")
-    values = torch.tensor(list(history), dtype=torch.float64)
-    return float(torch.quantile(values, percentile / 100.0))
+    return percentile_of_sorted(sorted(float(v) for v in history), percentile)
+
+
+class SlidingWindowPercentile:
+    """The last ``size`` values of a stream (``None``: all) in arrival order and in sorted order, so that adding a
+    value and reading a percentile cost O(log n) comparisons plus one memmove, never a sort of the whole history.
+
+    ``values`` is the window in arrival order (a list, oldest first).
+    """
+
+    def __init__(self, size: int | None = None, values: Iterable[float] = ()) -> None:
+        self.size = size
+        self.values: list[float] = []
+        self._sorted: list[float] = []
+        for v in values:
+            self.append(v)
+
+    def append(self, value: float) -> None:
+        value = float(value)
+        self.values.append(value)
+        bisect.insort(self._sorted, value)
+        if self.size is not None and len(self.values) > self.size:
+            oldest = self.values.pop(0)
+            del self._sorted[bisect.bisect_left(self._sorted, oldest)]
+
+    def percentile(self, percentile: float) -> float:
+        return percentile_of_sorted(self._sorted, percentile)
+
+    def __len__(self) -> int:
+        return len(self.values)
 
 
 @torch.no_grad()
 def clip_grad_norm_to_(parameters: Iterable[Tensor], max_norm: float, norm: float | None = None) -> bool:
     """Scale all gradients so that their total L2 norm is at most ``max_norm``; True when they were scaled."""
-    params = [p for p in parameters if p.grad is not None]
-    norm = total_grad_norm(params) if norm is None else norm
+    grads = _grads(parameters)
+    norm = (float(grad_norm_tensor(grads)) if grads else 0.0) if norm is None else norm
     if norm <= max_norm or norm == 0.0:
         return False
-    factor = max_norm / (norm + 1e-6)
-    for p in params:
-        p.grad.mul_(factor)
+    torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
     return True
 
 
@@ -96,16 +178,22 @@ def _selected(module: nn.Module, exclude: Sequence[str] | None) -> list[tuple[st
 
 
 class _ClippingCallback(Callback):
-    """Shared adapter: acts in ``on_before_optimizer_step`` (unscaled, DDP-synchronised gradients), logs norms."""
+    """Shared adapter: acts in ``on_before_optimizer_step`` (unscaled, DDP-synchronised gradients), logs norms at
+    the Trainer's ``log_every_n_steps`` cadence. One host sync per optimizer step (the step's norms and counts)."""
+
+    takes_over: frozenset[str] = frozenset({"gradients"})  # see lightning_techniques/_internal/conflicts.py
+    conflicts_with: tuple[str, ...] = ()
 
     _prefix = "clip"
 
     def __init__(self, log: bool) -> None:
-        self.log = bool(log)
+        # never ``self.log``: Lightning overwrites that attribute with the module's ``log`` before setup
+        self._log_enabled = check_log_flag("log", log)
         self.steps = 0
         self.clipped_steps = 0
         self.last_norm_before = 0.0
         self.last_norm_after = 0.0
+        self._param_cache: tuple[int, list[Tensor]] | None = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         name = type(trainer.strategy).__name__.lower()
@@ -115,6 +203,10 @@ class _ClippingCallback(Callback):
                 "so per-rank norms are not the model's norms."
             )
         self._check_module(pl_module)
+        self._param_cache = None
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._param_cache = None  # re-select once per epoch (a technique may freeze or add parameters)
 
     def _check_module(self, pl_module: Any) -> None:
         pass
@@ -124,26 +216,34 @@ class _ClippingCallback(Callback):
         """Fraction of optimizer steps on which the gradients were clipped."""
         return self.clipped_steps / self.steps if self.steps else 0.0
 
-    def _clip(self, trainer: Any, pl_module: Any, params: list[Tensor], norm: float) -> bool:  # pragma: no cover
-        raise NotImplementedError
+    def _clip(self, trainer: Any, pl_module: Any, params: list[Tensor]) -> tuple[bool, float, float] | None:
+        """Clip in place; ``(clipped, norm_before, norm_after)``, or None for a non-finite step (left alone)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _metrics(self) -> dict[str, float]:
+        return {
+            f"{self._prefix}/grad_norm_before": self.last_norm_before,
+            f"{self._prefix}/grad_norm_after": self.last_norm_after,
+            f"{self._prefix}/clip_fraction": self.clip_fraction,
+        }
+
+    def _selected_params(self, pl_module: Any) -> list[Tensor]:
+        if self._param_cache is None or self._param_cache[0] != id(pl_module):
+            self._param_cache = (id(pl_module), [p for _, p in self._params(pl_module)])
+        return self._param_cache[1]
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        params = [p for _, p in self._params(pl_module)]
-        if not any(p.grad is not None for p in params):
+        params = [p for p in self._selected_params(pl_module) if p.grad is not None]
+        if not params:
             return  # e.g. a step skipped by NonFiniteGuard
-        before = total_grad_norm(params)
-        if not math.isfinite(before):
+        result = self._clip(trainer, pl_module, params)
+        if result is None:
             return  # non-finite: the GradScaler (16-mixed) or NonFiniteGuard skips this step; do not clip or record
-        clipped = self._clip(trainer, pl_module, params, before)
-        after = total_grad_norm(params) if clipped else before
+        clipped, self.last_norm_before, self.last_norm_after = result
         self.steps += 1
         self.clipped_steps += int(clipped)
-        self.last_norm_before, self.last_norm_after = before, after
-        if self.log:
-            opts = dict(on_step=True, on_epoch=False)
-            pl_module.log(f"{self._prefix}/grad_norm_before", before, **opts)
-            pl_module.log(f"{self._prefix}/grad_norm_after", after, **opts)
-            pl_module.log(f"{self._prefix}/clip_fraction", self.clip_fraction, **opts)
+        if self._log_enabled:
+            log_step_metrics(pl_module, self._metrics)
 
     def _params(self, pl_module: Any) -> list[tuple[str, Tensor]]:
         return _selected(pl_module, None)
@@ -168,13 +268,15 @@ class AdaptiveGradientClipping(_ClippingCallback):
     Runs in ``on_before_optimizer_step``: after every accumulated micro-batch, on unscaled gradients under
     ``16-mixed`` and on the all-reduced gradients under DDP (so every rank clips identically). Logs
     ``agc/grad_norm_before``, ``agc/grad_norm_after`` (total L2 norms) and ``agc/clip_fraction`` (fraction of steps
-    where any unit was clipped); ``unit_clip_fraction`` holds the fraction of units clipped on the last step.
+    where any unit was clipped) at the Trainer's ``log_every_n_steps`` cadence (and on the run's last step);
+    ``unit_clip_fraction`` holds the fraction of units clipped on the last step. The unit norms of all tensors are
+    computed once and the factors in one batch of vector ops; one host sync per step (the step's norms and count).
 
     Args:
         clipping: the threshold lambda (paper: 0.01 for batch 4096; larger for small batches, e.g. 0.02-0.16).
         eps: floor for the weight norm (paper: 1e-3), so zero-initialised units can still move.
         exclude: glob patterns of parameter names not to clip (e.g. the final layer).
-        log: log the norms with ``pl_module.log``.
+        log: log the norms with ``pl_module.log`` (``False``: log nothing).
 
     Example::
 
@@ -207,10 +309,14 @@ class AdaptiveGradientClipping(_ClippingCallback):
     def _params(self, pl_module: Any) -> list[tuple[str, Tensor]]:
         return _selected(pl_module, self.exclude)
 
-    def _clip(self, trainer: Any, pl_module: Any, params: list[Tensor], norm: float) -> bool:
-        clipped, total = adaptive_clip_grad_(params, self.clipping, self.eps)
-        self.unit_clip_fraction = clipped / total if total else 0.0
-        return clipped > 0
+    def _clip(self, trainer: Any, pl_module: Any, params: list[Tensor]) -> tuple[bool, float, float] | None:
+        before, after, clipped = _agc_(params, self.clipping, self.eps, skip_nonfinite=True)
+        norm_before, norm_after, units = torch.stack([before, after, clipped.to(before.dtype)]).tolist()  # one sync
+        if not math.isfinite(norm_before):
+            return None
+        total = sum(p.shape[0] if p.ndim >= 2 else 1 for p in params)
+        self.unit_clip_fraction = units / total if total else 0.0
+        return units > 0, norm_before, norm_after
 
 
 class AutoClip(_ClippingCallback):
@@ -222,15 +328,22 @@ class AutoClip(_ClippingCallback):
     current norm in the history; so does this). The history is part of the checkpoint, so a resumed run clips
     exactly as an uninterrupted one.
 
+    The history is a sliding window of the last ``history_size`` norms (default 10,000), kept sorted as well as in
+    arrival order: a step costs O(log n) comparisons and one memmove, never a sort of the whole history, and the
+    checkpointed state stays bounded (~90 kB at the default) however long the run. With ``history_size=None`` the
+    window is the whole run, as in the paper, and the state grows by one float per step.
+
     Runs in ``on_before_optimizer_step`` on unscaled (``16-mixed``), accumulated and, under DDP, all-reduced
     gradients (identical history on every rank). Logs ``autoclip/grad_norm_before``, ``autoclip/grad_norm_after``,
-    ``autoclip/clip_fraction`` and ``autoclip/threshold``.
+    ``autoclip/clip_fraction`` and ``autoclip/threshold`` at the Trainer's ``log_every_n_steps`` cadence (and on the
+    run's last step). One host sync per optimizer step (the total norm, which the history needs).
 
     Args:
         percentile: p in [0, 100] (paper: 10 works well for audio source separation).
-        history_size: keep only the last ``history_size`` norms (``None``: all, as in the paper).
+        history_size: the window: the last ``history_size`` norms (default 10,000; ``None``: every norm of the run, as
+            in the paper, with a state that grows with the run).
         warmup_steps: record norms but do not clip during the first steps (0: clip from the first step).
-        log: log the norms with ``pl_module.log``.
+        log: log the norms and threshold with ``pl_module.log`` (``False``: log nothing).
 
     Example::
 
@@ -243,7 +356,7 @@ class AutoClip(_ClippingCallback):
     _prefix = "autoclip"
 
     def __init__(
-        self, percentile: float = 10.0, history_size: int | None = None, warmup_steps: int = 0, log: bool = True
+        self, percentile: float = 10.0, history_size: int | None = 10_000, warmup_steps: int = 0, log: bool = True
     ) -> None:
         check_number("percentile", percentile, low=0.0, high=100.0)
         if history_size is not None:
@@ -253,23 +366,34 @@ class AutoClip(_ClippingCallback):
         self.percentile = float(percentile)
         self.history_size = history_size
         self.warmup_steps = warmup_steps
-        self.history: list[float] = []
+        self._window = SlidingWindowPercentile(history_size)
         self.last_threshold = float("inf")
 
-    def _clip(self, trainer: Any, pl_module: Any, params: list[Tensor], norm: float) -> bool:
-        self.history.append(norm)
-        if self.history_size is not None and len(self.history) > self.history_size:
-            del self.history[: len(self.history) - self.history_size]
-        self.last_threshold = autoclip_threshold(self.history, self.percentile)
-        if self.log:
-            pl_module.log("autoclip/threshold", self.last_threshold, on_step=True, on_epoch=False)
-        if self.steps < self.warmup_steps:
-            return False
-        return clip_grad_norm_to_(params, self.last_threshold, norm)
+    @property
+    def history(self) -> list[float]:
+        """The norms in the window, oldest first (at most ``history_size``)."""
+        return self._window.values
+
+    def _clip(self, trainer: Any, pl_module: Any, params: list[Tensor]) -> tuple[bool, float, float] | None:
+        grads = [p.grad for p in params]
+        norm = float(grad_norm_tensor(grads))  # the step's one host sync: the history needs the norm
+        if not math.isfinite(norm):
+            return None
+        self._window.append(norm)
+        self.last_threshold = self._window.percentile(self.percentile)
+        if self.steps < self.warmup_steps or norm <= self.last_threshold or norm == 0.0:
+            return False, norm, norm
+        factor = self.last_threshold / (norm + 1e-6)
+        with torch.no_grad():
+            torch._foreach_mul_(grads, factor)
+        return True, norm, norm * factor
+
+    def _metrics(self) -> dict[str, float]:
+        return {**super()._metrics(), "autoclip/threshold": self.last_threshold}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "history": list(self.history)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.history = [float(v) for v in state_dict.get("history", [])]
+        self._window = SlidingWindowPercentile(self.history_size, state_dict.get("history", []))

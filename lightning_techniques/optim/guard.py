@@ -6,7 +6,8 @@ Lightning declined this in upstream issue #4956; under ``16-mixed`` the GradScal
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -15,7 +16,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_techniques._internal.distributed import agree_any
+from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_choice, check_positive
+
+
+MAX_RECORDED_STEPS = 1000
+"""How many skipped global steps :class:`NonFiniteGuard` and ``SmartMixedPrecision`` keep (the most recent ones);
+their totals are counted separately, so the checkpointed state stays bounded however long the run."""
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -36,12 +43,26 @@ def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 
 def nonfinite_gradients(parameters: Iterable[Tensor]) -> int:
     """Number of parameters whose ``.grad`` holds at least one NaN or Inf (parameters without a grad are ignored)."""
-    count = 0
-    for p in parameters:
-        grad = p.grad
-        if grad is not None and not bool(torch.isfinite(grad).all()):
-            count += 1
-    return count
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0
+    return int((~gradient_finite_flags(grads)).sum())
+
+
+def gradient_finite_flags(grads: Sequence[Tensor]) -> Tensor:
+    """One bool per gradient tensor: True when it holds no NaN/Inf. Computed with one fused
+    ``torch._foreach_norm(grads, inf)`` (max-abs, which NaN and Inf propagate through and which cannot overflow,
+    unlike a sum of squares) and no host sync."""
+    device = grads[0].device
+    norms = torch._foreach_norm(list(grads), math.inf)
+    return torch.isfinite(torch.stack([n.to(device) for n in norms]))
+
+
+def all_finite(grads: Sequence[Tensor]) -> Tensor:
+    """0-d bool tensor on the gradients' device: True when no gradient holds a NaN/Inf (True for no gradient)."""
+    if not grads:
+        return torch.ones((), dtype=torch.bool)
+    return gradient_finite_flags(grads).all()
 
 
 def drop_gradients_(parameters: Iterable[Tensor]) -> None:
@@ -66,16 +87,20 @@ class NonFiniteGuard(Callback):
     skips batches around loss spikes; the GradScaler's skip-on-overflow, Micikevicius et al., "Mixed Precision
     Training", 2018) applied in any precision; Lightning declined it upstream (#4956).
 
-    Logged (``pl_module.log``, per step): ``nonfinite_guard/skipped`` (1 on a skipped step) and
-    ``nonfinite_guard/skipped_total``. State kept in checkpoints: total and consecutive skips and the global steps
-    that were skipped.
+    Cost: the gradients are checked with one fused max-abs norm over all tensors and the loss check stays on the
+    device, so a step needs one host sync (the skip decision), as ``torch.nn.utils.clip_grad_norm_`` would.
+
+    Logged (``pl_module.log``, at the Trainer's ``log_every_n_steps`` cadence and on the run's last step):
+    ``nonfinite_guard/skipped`` (1 on a skipped step) and ``nonfinite_guard/skipped_total``. State kept in
+    checkpoints: total and consecutive skips and the global steps of the last ``MAX_RECORDED_STEPS`` (1000) skips
+    (bounded, however many steps are skipped over a run).
 
     Args:
         max_consecutive_skips: after this many skipped steps in a row the run stops (``None``: never).
         check_loss: also skip when a micro-batch's loss was non-finite (seen in ``on_before_backward``).
         on_limit: ``"raise"`` a :class:`NonFiniteTrainingError` (default) or ``"stop"`` the run gracefully
             (``trainer.should_stop``) with a warning.
-        log: log the counters with ``pl_module.log``.
+        log: log the counters with ``pl_module.log`` (``False``: log nothing).
 
     Example::
 
@@ -86,6 +111,9 @@ class NonFiniteGuard(Callback):
     handful the scaler needs. Put it before clipping callbacks in ``callbacks`` so they never see a skipped step.
     Optimizers that step parameters without a gradient (rare custom ones) are not protected.
     """
+
+    takes_over: frozenset[str] = frozenset({"optimizer_step", "gradients"})  # see lightning_techniques/_internal/conflicts.py
+    conflicts_with: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -100,11 +128,12 @@ class NonFiniteGuard(Callback):
         self.max_consecutive_skips = max_consecutive_skips
         self.check_loss = bool(check_loss)
         self.on_limit = on_limit
-        self.log = bool(log)
+        # never ``self.log``: Lightning overwrites that attribute with the module's ``log`` before setup
+        self._log_enabled = check_log_flag("log", log)
         self.skipped_total = 0
         self.consecutive_skips = 0
-        self.skipped_steps: list[int] = []
-        self._loss_bad = False
+        self.skipped_steps: list[int] = []  # global steps of the last MAX_RECORDED_STEPS skips
+        self._loss_finite: Tensor | None = None  # on the device: every micro-batch loss since the last step finite
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if "deepspeed" in type(trainer.strategy).__name__.lower():
@@ -114,27 +143,32 @@ class NonFiniteGuard(Callback):
             )
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._loss_bad = False
+        self._loss_finite = None
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
-        if self.check_loss and not bool(torch.isfinite(loss.detach()).all()):
-            self._loss_bad = True
+        if self.check_loss:  # stays on the device: decided together with the gradients, one sync per step
+            finite = torch.isfinite(loss.detach()).all()
+            self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         params = optimizer_parameters(optimizer)
-        local_bad = self._loss_bad or nonfinite_gradients(params) > 0
-        self._loss_bad = False
-        bad = agree_any(trainer.strategy, local_bad)
+        ok = all_finite([p.grad for p in params if p.grad is not None])
+        if self._loss_finite is not None:
+            ok = ok & self._loss_finite.to(ok.device)
+        self._loss_finite = None
+        bad = agree_any(trainer.strategy, not bool(ok))  # the step's one host sync
         if bad:
             drop_gradients_(params)
             self.skipped_total += 1
             self.consecutive_skips += 1
             self.skipped_steps.append(int(trainer.global_step))
+            if len(self.skipped_steps) > MAX_RECORDED_STEPS:
+                del self.skipped_steps[0]
         else:
             self.consecutive_skips = 0
-        if self.log:
-            pl_module.log("nonfinite_guard/skipped", float(bad), on_step=True, on_epoch=False)
-            pl_module.log("nonfinite_guard/skipped_total", float(self.skipped_total), on_step=True, on_epoch=False)
+        if self._log_enabled:
+            log_step_metrics(pl_module, {"nonfinite_guard/skipped": float(bad),
+                                         "nonfinite_guard/skipped_total": float(self.skipped_total)})
         if bad:
             self._check_limit(trainer)
 
@@ -162,4 +196,4 @@ class NonFiniteGuard(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped_total = int(state_dict.get("skipped_total", 0))
         self.consecutive_skips = int(state_dict.get("consecutive_skips", 0))
-        self.skipped_steps = [int(s) for s in state_dict.get("skipped_steps", [])]
+        self.skipped_steps = [int(s) for s in state_dict.get("skipped_steps", [])][-MAX_RECORDED_STEPS:]

@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_techniques._internal.patching import MethodPatch
 from lightning_techniques._internal.validation import check_choice, check_positive
-from lightning_techniques.optim.guard import NonFiniteTrainingError
+from lightning_techniques.optim.guard import MAX_RECORDED_STEPS, NonFiniteTrainingError
 
 
 # ---------------------------------------------------------------------------------------------- functional core
@@ -89,7 +89,8 @@ class SmartMixedPrecision(MixedPrecision):
       qualified names (``"head"``, ``"blocks.*.norm1"``) or class names (``"LayerNorm"``). Restored at teardown.
     * Under ``16-mixed``: the loss scale before and after every ``scaler.update()`` tells whether the scaler skipped
       that step (it lowers the scale exactly when it found Inf/NaN and skipped). ``scale_history`` (``(global_step,
-      scale)`` after each update), ``skipped_steps`` and ``consecutive_skips`` are kept (and checkpointed); the scale
+      scale)`` after each update, the last ``history_size``), ``skipped_steps`` (the last 1000 skipped global steps),
+      ``skipped_total`` and ``consecutive_skips`` are kept (and checkpointed, bounded however long the run); the scale
       and a skip flag are logged to the Trainer's loggers (``amp/loss_scale``, ``amp/skipped_step``) at every skip
       and every ``log_every_n_steps``. ``max_consecutive_skips`` stops the run (``on_limit``) after that many skips
       in a row - a scale collapsing towards 0 means the model produces Inf/NaN in any precision.
@@ -101,6 +102,7 @@ class SmartMixedPrecision(MixedPrecision):
         max_consecutive_skips: stop after this many consecutive skipped steps (``None``: never).
         on_limit: ``"raise"`` (a :class:`NonFiniteTrainingError`) or ``"stop"`` (graceful ``trainer.should_stop``).
         init_scale, growth_interval: GradScaler settings (``16-mixed`` only).
+        history_size: how many ``(step, scale)`` entries ``scale_history`` keeps (the most recent; default 10,000).
 
     Example::
 
@@ -113,6 +115,9 @@ class SmartMixedPrecision(MixedPrecision):
     one; a ``16-mixed`` step skipped by the scaler still counts in ``global_step``.
     """
 
+    takes_over: frozenset[str] = frozenset({"precision"})  # see lightning_techniques/_internal/conflicts.py
+    conflicts_with: tuple[str, ...] = ()
+
     def __init__(
         self,
         precision: Literal["auto", "bf16-mixed", "16-mixed", "32-true"] = "auto",
@@ -122,6 +127,7 @@ class SmartMixedPrecision(MixedPrecision):
         on_limit: Literal["raise", "stop"] = "raise",
         init_scale: float = 2.0**16,
         growth_interval: int = 2000,
+        history_size: int = 10_000,
     ) -> None:
         check_choice("precision", precision, ["auto", "bf16-mixed", "16-mixed", "32-true"])
         if device is None:
@@ -137,6 +143,7 @@ class SmartMixedPrecision(MixedPrecision):
         check_choice("on_limit", on_limit, ["raise", "stop"])
         check_positive("init_scale", init_scale)
         check_positive("growth_interval", growth_interval, integer=True)
+        check_positive("history_size", history_size, integer=True)
         resolved = best_precision(device) if precision == "auto" else precision
         if precision == "auto" and resolved == "32-true":
             rank_zero_warn(
@@ -156,8 +163,10 @@ class SmartMixedPrecision(MixedPrecision):
         self.on_limit = on_limit
         self.init_scale = float(init_scale)
         self.growth_interval = growth_interval
+        self.history_size = history_size
         self.scale_history: list[tuple[int, float]] = []
         self.skipped_steps: list[int] = []
+        self.skipped_total = 0
         self.consecutive_skips = 0
         self.kept_in_fp32: list[str] = []
         self._patches: list[MethodPatch] = []
@@ -208,8 +217,13 @@ class SmartMixedPrecision(MixedPrecision):
         step = int(trainer.global_step) if trainer is not None else len(self.scale_history)
         skipped = after < before
         self.scale_history.append((step, after))
+        if len(self.scale_history) > self.history_size:
+            del self.scale_history[0]
         if skipped:
             self.skipped_steps.append(step)
+            if len(self.skipped_steps) > MAX_RECORDED_STEPS:
+                del self.skipped_steps[0]
+            self.skipped_total += 1
             self.consecutive_skips += 1
         else:
             self.consecutive_skips = 0
@@ -246,6 +260,7 @@ class SmartMixedPrecision(MixedPrecision):
             "scaler": self.scaler.state_dict() if self.scaler is not None else {},
             "scale_history": [list(item) for item in self.scale_history],
             "skipped_steps": list(self.skipped_steps),
+            "skipped_total": self.skipped_total,
             "consecutive_skips": self.consecutive_skips,
         }
 
@@ -255,6 +270,7 @@ class SmartMixedPrecision(MixedPrecision):
             return
         if self.scaler is not None and state_dict["scaler"]:
             self.scaler.load_state_dict(state_dict["scaler"])
-        self.scale_history = [(int(s), float(v)) for s, v in state_dict.get("scale_history", [])]
-        self.skipped_steps = [int(s) for s in state_dict.get("skipped_steps", [])]
+        self.scale_history = [(int(s), float(v)) for s, v in state_dict.get("scale_history", [])][-self.history_size:]
+        self.skipped_steps = [int(s) for s in state_dict.get("skipped_steps", [])][-MAX_RECORDED_STEPS:]
+        self.skipped_total = int(state_dict.get("skipped_total", len(self.skipped_steps)))
         self.consecutive_skips = int(state_dict.get("consecutive_skips", 0))

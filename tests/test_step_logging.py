@@ -1,0 +1,75 @@
+"""The shared per-step logging cadence: Lightning's log_every_n_steps steps plus the run's last training batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import pytest
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics, should_log_step
+from lightning_techniques.demo import DigitsCNN, DigitsDataModule
+
+
+class Recorder(Callback):
+    """Records should_log_step in every training-batch hook and logs a counter through log_step_metrics."""
+
+    def __init__(self) -> None:
+        self.start: list[bool] = []
+        self.end: list[bool] = []
+        self.logged: list[int] = []
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self.start.append(should_log_step(trainer))
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.end.append(should_log_step(trainer))
+        self.batches += 1
+        if log_step_metrics(pl_module, lambda: {"probe/batches": float(self.batches)}):
+            self.logged.append(self.batches)
+
+
+def _fit(trainer_kwargs: dict, **kwargs: Any) -> tuple[L.Trainer, Recorder]:
+    L.seed_everything(0, verbose=False)
+    recorder = Recorder()
+    trainer = L.Trainer(callbacks=[recorder], **{**trainer_kwargs, **kwargs})
+    trainer.fit(DigitsCNN(channels=4), datamodule=DigitsDataModule(batch_size=64))
+    return trainer, recorder
+
+
+def test_cadence_follows_log_every_n_steps_and_the_last_step(trainer_kwargs: dict) -> None:
+    trainer, rec = _fit(trainer_kwargs, max_steps=7, log_every_n_steps=3, limit_val_batches=0)
+    assert rec.logged == [3, 6, 7]  # the cadence, then the run's last step
+    assert rec.start == rec.end  # the same answer before and after the optimizer step of a batch
+    assert float(trainer.callback_metrics["probe/batches"]) == 7.0
+
+
+def test_cadence_counts_optimizer_steps_under_accumulation(trainer_kwargs: dict) -> None:
+    _, rec = _fit(trainer_kwargs, max_steps=4, log_every_n_steps=2, accumulate_grad_batches=2, limit_val_batches=0)
+    # batches 3-4 form optimizer step 2, batches 7-8 step 4 (also the last): every micro-batch of them qualifies
+    assert rec.logged == [3, 4, 7, 8]
+
+
+def test_epoch_bounded_run_logs_its_last_batch(trainer_kwargs: dict) -> None:
+    trainer, rec = _fit(trainer_kwargs, max_epochs=2, limit_train_batches=5, log_every_n_steps=50,
+                        limit_val_batches=0)
+    assert rec.logged == [10]
+    assert float(trainer.callback_metrics["probe/batches"]) == 10.0
+
+
+def test_log_every_n_steps_zero_switches_step_logging_off(trainer_kwargs: dict) -> None:
+    trainer, rec = _fit(trainer_kwargs, max_steps=3, log_every_n_steps=0, limit_val_batches=0)
+    assert rec.logged == [] and "probe/batches" not in trainer.callback_metrics
+
+
+def test_without_a_trainer_nothing_is_logged() -> None:
+    assert log_step_metrics(nn.Linear(2, 2), {"x": 1.0}) is False
+
+
+def test_check_log_flag() -> None:
+    assert check_log_flag("log", False) is False
+    with pytest.raises(TypeError, match="log_lr must be True or False"):
+        check_log_flag("log_lr", 1)

@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_techniques._internal.distributed import broadcast_object
+from lightning_techniques._internal.step_logging import check_log_flag, should_log_step
 from lightning_techniques._internal.validation import (
     check_choice,
     check_non_negative,
@@ -186,7 +187,8 @@ class LRSchedule(Callback):
     or an :class:`~lightning_techniques.optim.optimizers.OptimizerCallback` (any order in ``callbacks``) - through a
     ``LambdaLR`` with ``interval="step"`` driven by :func:`lr_at`. Lightning steps it only on optimizer steps, so it
     is correct under gradient accumulation; its state is checkpointed by Lightning, so resume is exact. The LR of
-    every parameter group is logged as ``lr-<group name>`` (e.g. ``lr-decay``, ``lr-pg0``) at every step.
+    every parameter group is logged as ``lr-<group name>`` (e.g. ``lr-decay``, ``lr-pg0``) at the Trainer's
+    ``log_every_n_steps`` cadence and on the run's last step.
 
     Sources: warm-up, Goyal et al. (2017); cosine annealing and warm restarts, Loshchilov & Hutter (SGDR, 2017);
     one-cycle, Smith & Topin (2019); step / exponential / polynomial decay are the classical schedules.
@@ -212,7 +214,7 @@ class LRSchedule(Callback):
         pct_start, div_factor, final_div_factor: ``one_cycle`` as in ``torch.optim.lr_scheduler.OneCycleLR``
             (the optimizer's LR is the peak LR).
         cycle_steps, cycle_mult: ``cosine_restarts`` first cycle length and its growth factor (T_0, T_mult).
-        log_lr: log the LR of every parameter group at every step.
+        log_lr: log the LR of every parameter group (at ``log_every_n_steps``; ``False``: log nothing).
 
     Example::
 
@@ -279,7 +281,7 @@ class LRSchedule(Callback):
         self.final_div_factor = final_div_factor
         self.cycle_steps = cycle_steps
         self.cycle_mult = cycle_mult
-        self.log_lr = log_lr
+        self.log_lr = check_log_flag("log_lr", log_lr)
         self.resolved_total_steps: int | None = None
         self.resolved_warmup_steps: int | None = None
         self.schedulers: list[LambdaLR] = []
@@ -366,7 +368,7 @@ class LRSchedule(Callback):
                 for s in self.schedulers]
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self.log_lr:
+        if self.log_lr and should_log_step(trainer):
             log_learning_rates(pl_module, trainer.optimizers)
 
     def state_dict(self) -> dict[str, Any]:
@@ -389,7 +391,8 @@ class ReduceLROnPlateau(Callback):
     is replaced by rank 0's value before the decision (:class:`AgreedReduceLROnPlateau`), so LR reductions agree
     even when the metric was logged without ``sync_dist`` (log it with ``sync_dist=True`` to decide on the mean
     over ranks). Its state (best, bad epochs, cooldown) is checkpointed by Lightning, so resume is exact. The LR of
-    every parameter group is logged as ``lr-<group name>`` at every step.
+    every parameter group is logged as ``lr-<group name>`` at the Trainer's ``log_every_n_steps`` cadence and on the
+    run's last step.
 
     Args:
         monitor: the logged metric to watch (e.g. ``"val_loss"``).
@@ -403,7 +406,7 @@ class ReduceLROnPlateau(Callback):
         interval: ``"epoch"`` (after validation) or ``"step"``.
         frequency: check every ``frequency`` intervals.
         strict: raise when ``monitor`` is missing (otherwise warn and skip).
-        log_lr: log the LR of every parameter group at every step.
+        log_lr: log the LR of every parameter group (at ``log_every_n_steps``; ``False``: log nothing).
 
     Example::
 
@@ -453,7 +456,7 @@ class ReduceLROnPlateau(Callback):
         self.interval = interval
         self.frequency = frequency
         self.strict = strict
-        self.log_lr = log_lr
+        self.log_lr = check_log_flag("log_lr", log_lr)
         self.schedulers: list[AgreedReduceLROnPlateau] = []
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -493,7 +496,7 @@ class ReduceLROnPlateau(Callback):
         ]
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self.log_lr:
+        if self.log_lr and should_log_step(trainer):
             log_learning_rates(pl_module, trainer.optimizers)
 
     def state_dict(self) -> dict[str, Any]:

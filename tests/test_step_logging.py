@@ -73,3 +73,27 @@ def test_check_log_flag() -> None:
     assert check_log_flag("log", False) is False
     with pytest.raises(TypeError, match="log_lr must be True or False"):
         check_log_flag("log_lr", 1)
+
+
+def _techniques() -> list[Any]:
+    from lightning_techniques import AccumulationScheduler, CurriculumLearning, InputNoise
+
+    return [
+        ("accumulation/", lambda log: AccumulationScheduler({0: 1, 2: 2}, log=log)),
+        ("curriculum/", lambda log: CurriculumLearning(difficulty_fn=lambda s: float(s[1]), full_at=2, log=log)),
+        ("input_noise/", lambda log: InputNoise(scale=0.1, log=log)),
+    ]
+
+
+@pytest.mark.parametrize("prefix, make", _techniques(), ids=lambda v: v if isinstance(v, str) else "")
+def test_each_step_wise_technique_has_a_working_log_switch(prefix: str, make: Any, trainer_kwargs: dict) -> None:
+    # these logged on every step with no way to switch it off (each self.log costs ~0.5 ms of CPU)
+    for log in (False, True):
+        L.seed_everything(0, verbose=False)
+        trainer = L.Trainer(callbacks=[make(log)], max_steps=3, log_every_n_steps=1, limit_val_batches=0,
+                            **trainer_kwargs)
+        trainer.fit(DigitsCNN(channels=4), datamodule=DigitsDataModule(batch_size=32))
+        keys = {k for k in trainer.callback_metrics if k.startswith(prefix)}
+        assert bool(keys) is log, (log, keys)
+    with pytest.raises(TypeError, match="log must be True or False"):
+        make("off")

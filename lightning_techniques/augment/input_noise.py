@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_techniques._internal.batch import get_inputs, set_inputs
 from lightning_techniques._internal.batch_transforms import add_batch_transform
+from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_choice, check_non_negative, check_positive
 from lightning_techniques.augment._seeding import StepSeeder, default_seed, generator
 
@@ -81,7 +82,8 @@ class InputNoise(Callback):
     "Training with noise is equivalent to Tikhonov regularization", 1995) regularises the model. The noise is added
     to the batch on the device before ``training_step`` (validation / test / predict see the clean inputs). Its
     scale follows ``schedule`` from ``scale`` at step 0 to ``final_scale`` at ``schedule_steps`` (default: the
-    run's total number of optimizer steps) and is logged as ``input_noise/scale``. Draws come from a generator
+    run's total number of optimizer steps) and is logged as ``input_noise/scale`` (at the Trainer's
+    ``log_every_n_steps`` cadence and on the run's last step). Draws come from a generator
     seeded with ``(seed, global_step, micro-batch, rank)``: reproducible, exact on resume, different per DDP rank.
 
     Args:
@@ -95,6 +97,7 @@ class InputNoise(Callback):
         clip: optional ``[low, high]`` to clamp the noisy input to (e.g. ``[0, 1]`` for images).
         seed: base seed (default: ``PL_GLOBAL_SEED`` from ``seed_everything``, else 0).
         input_key: where the input is in a dict/tuple batch (default: element 0 or a known key such as ``"x"``).
+        log: log the scale with ``pl_module.log`` (``False``: log nothing).
 
     Example::
 
@@ -117,6 +120,7 @@ class InputNoise(Callback):
         clip: list[float] | None = None,
         seed: int | None = None,
         input_key: str | int | None = None,
+        log: bool = True,
     ) -> None:
         check_choice("kind", kind, KINDS)
         check_choice("schedule", schedule, SCHEDULES)
@@ -143,6 +147,7 @@ class InputNoise(Callback):
         self.clip = None if clip is None else [float(clip[0]), float(clip[1])]
         self.seed = seed
         self.input_key = input_key
+        self._log_enabled = check_log_flag("log", log)  # not ``self.log``: Lightning assigns that before setup
         self.current_scale = self.scale
         self._seeder: StepSeeder | None = None
         self._total = 1
@@ -188,7 +193,8 @@ class InputNoise(Callback):
         return set_inputs(batch, noisy, self.input_key)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        pl_module.log("input_noise/scale", self.current_scale, on_step=True, on_epoch=False)
+        if self._log_enabled:
+            log_step_metrics(pl_module, {"input_noise/scale": self.current_scale})
 
     def state_dict(self) -> dict[str, Any]:
         return {"current_scale": self.current_scale}

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lightning_techniques._internal.batch import get_inputs, get_targets
 from lightning_techniques._internal.distributed import broadcast_object
 from lightning_techniques._internal.sampling import SamplerSteering
+from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
 from lightning_techniques.data.labels import find_labels
 
@@ -273,7 +274,8 @@ class CurriculumLearning(Callback):
     used), ``reload_dataloaders_every_n_epochs`` is not needed, and a checkpoint taken mid-epoch resumes with the
     same pool, permutation and position. Scores, the epoch's start step and the resolved pacing length are part of
     the callback's checkpoint state. Self-paced and teacher scores are computed on rank 0 and broadcast. The
-    current pool fraction is logged as ``curriculum/pool_fraction``.
+    current pool fraction is logged as ``curriculum/pool_fraction`` at the Trainer's ``log_every_n_steps`` cadence
+    (and on the run's last step).
 
     Args:
         difficulty: per-sample scores, or ``"self_paced"`` / ``"teacher"``.
@@ -294,6 +296,7 @@ class CurriculumLearning(Callback):
             ``module(inputs)`` against the batch target).
         score_batch_size: batch size of model scoring.
         seed: shuffling seed (the order depends only on it, the epoch and the scores).
+        log: log the pool fraction with ``pl_module.log`` (``False``: log nothing).
 
     Example::
 
@@ -324,6 +327,7 @@ class CurriculumLearning(Callback):
         loss_fn: LossFn | None = None,
         score_batch_size: int = 256,
         seed: int = 0,
+        log: bool = True,
     ) -> None:
         sources = (difficulty is not None) + (difficulty_fn is not None)
         if sources != 1:
@@ -374,6 +378,7 @@ class CurriculumLearning(Callback):
         self.loss_fn = loss_fn
         self.score_batch_size = score_batch_size
         self.seed = seed
+        self._log_enabled = check_log_flag("log", log)  # not ``self.log``: Lightning assigns that before setup
         # state (checkpointed)
         self.scores: Tensor | None = None  # computed scores (difficulty_fn / self_paced / teacher)
         self.scored_epoch = -1
@@ -531,7 +536,8 @@ class CurriculumLearning(Callback):
             t = self.batches_done // self._accumulate
         self.pool_fraction = self._fraction(t)
         self.batches_done += 1
-        pl_module.log("curriculum/pool_fraction", self.pool_fraction, on_step=True, on_epoch=False)
+        if self._log_enabled:
+            log_step_metrics(pl_module, {"curriculum/pool_fraction": self.pool_fraction})
 
     # -- checkpoint -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

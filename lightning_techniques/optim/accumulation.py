@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_techniques._internal.patching import MethodPatch
+from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
 
 
@@ -153,6 +154,8 @@ class AccumulationScheduler(Callback):
         warmup_to: instead of ``scheduling``: the final factor of a batch-size warm-up (``unit="step"``).
         warmup_steps: length of the warm-up in optimizer steps.
         warmup_growth: ``"double"`` or ``"linear"`` (see :func:`batch_size_warmup`).
+        log: log the factor as ``accumulation/factor`` at the Trainer's ``log_every_n_steps`` cadence (and on the
+            run's last step); ``False``: log nothing.
 
     Example::
 
@@ -175,6 +178,7 @@ class AccumulationScheduler(Callback):
         warmup_to: int | None = None,
         warmup_steps: int | None = None,
         warmup_growth: Literal["double", "linear"] = "double",
+        log: bool = True,
     ) -> None:
         check_choice("unit", unit, ["step", "epoch"])
         check_choice("warmup_growth", warmup_growth, ["double", "linear"])
@@ -193,6 +197,7 @@ class AccumulationScheduler(Callback):
         self.warmup_to = warmup_to
         self.warmup_steps = warmup_steps
         self.warmup_growth = warmup_growth
+        self._log_enabled = check_log_flag("log", log)  # not ``self.log``: Lightning assigns that before setup
         self.schedule: dict[int, int] = schedule
         self.factor = factor_at(schedule, 0)
         self.switches: list[dict[str, int]] = []  # {"step", "epoch", "batch", "factor"} of every change
@@ -305,7 +310,8 @@ class AccumulationScheduler(Callback):
             )
             self.factor = new
         trainer.accumulate_grad_batches = self.factor
-        pl_module.log("accumulation/factor", float(self.factor), on_step=True, on_epoch=False)
+        if self._log_enabled:
+            log_step_metrics(pl_module, {"accumulation/factor": float(self.factor)})
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self._patch is not None:

@@ -17,6 +17,7 @@ from lightning_techniques import interpret as _interpret
 from lightning_techniques import normalization as _normalization
 from lightning_techniques import optim as _optim
 from lightning_techniques import regularization as _regularization
+from lightning_techniques import reproducibility as _reproducibility
 from lightning_techniques.augment import *  # noqa: F401,F403
 from lightning_techniques.data import *  # noqa: F401,F403
 from lightning_techniques.evaluation import *  # noqa: F401,F403
@@ -25,8 +26,9 @@ from lightning_techniques.interpret import *  # noqa: F401,F403
 from lightning_techniques.normalization import *  # noqa: F401,F403
 from lightning_techniques.optim import *  # noqa: F401,F403
 from lightning_techniques.regularization import *  # noqa: F401,F403
+from lightning_techniques.reproducibility import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
 
-_AREAS = [_augment, _data, _evaluation, _init, _interpret, _normalization, _optim, _regularization]
+_AREAS = [_augment, _data, _evaluation, _init, _interpret, _normalization, _optim, _regularization, _reproducibility]
 __all__ = sorted({name for area in _AREAS for name in area.__all__})

@@ -1,4 +1,4 @@
-"""Side-by-side measurement helpers shared by every benchmark script (DESIGN.md section 6).
+"""Side-by-side measurement helpers shared by every benchmark script (ARCHITECTURE.md section 6).
 
 A benchmark runs the technique and its baseline in **one** process, interleaved (round-robin) so that machine
 noise hits both alike, and reports ratios. Results are written into ``benchmarks/RESULTS.md`` between markers

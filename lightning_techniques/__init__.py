@@ -31,4 +31,24 @@ from lightning_techniques.reproducibility import *  # noqa: F401,F403
 __version__ = "0.1.0"
 
 _AREAS = [_augment, _data, _evaluation, _init, _interpret, _normalization, _optim, _regularization, _reproducibility]
-__all__ = sorted({name for area in _AREAS for name in area.__all__})
+# The top level exports the techniques and the user-facing helpers (loss modules, export modules, samplers,
+# captures); the functional cores live in ``lightning_techniques.functional``. Importing a core from the top level
+# still works (with a FutureWarning) for code written against 0.1.
+from lightning_techniques import functional  # noqa: E402
+
+_MOVED_TO_FUNCTIONAL = frozenset(functional.__all__)
+for _name in _MOVED_TO_FUNCTIONAL:
+    globals().pop(_name, None)
+__all__ = sorted({name for area in _AREAS for name in area.__all__} - _MOVED_TO_FUNCTIONAL)
+
+
+def __getattr__(name: str):  # noqa: ANN202 - module-level __getattr__ (PEP 562)
+    if name in _MOVED_TO_FUNCTIONAL:
+        import warnings
+
+        warnings.warn(
+            f"lightning_techniques.{name} is deprecated: import it from lightning_techniques.functional "
+            f"(the top level exports the techniques).", FutureWarning, stacklevel=2,
+        )
+        return getattr(functional, name)
+    raise AttributeError(f"module 'lightning_techniques' has no attribute {name!r}")

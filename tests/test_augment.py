@@ -15,12 +15,11 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_techniques import (
-    CutMix,
-    ImageAugmentation,
-    InputNoise,
-    MixUp,
-    SoftTargetNLLLoss,
+from lightning_techniques import CutMix, ImageAugmentation, InputNoise, MixUp, SoftTargetNLLLoss
+from lightning_techniques.augment._seeding import derive_seed
+from lightning_techniques.augment.mixing import cutmix_box
+from lightning_techniques.demo import BreastCancerDataModule, DigitsCNN, DigitsDataModule, TabularMLP
+from lightning_techniques.functional import (
     add_noise,
     augment_images,
     build_augmentation,
@@ -29,9 +28,6 @@ from lightning_techniques import (
     scheduled_scale,
     soft_targets,
 )
-from lightning_techniques.augment._seeding import derive_seed
-from lightning_techniques.augment.mixing import cutmix_box
-from lightning_techniques.demo import BreastCancerDataModule, DigitsCNN, DigitsDataModule, TabularMLP
 from lightning_techniques.testing import assert_exact_resume
 
 

@@ -11,8 +11,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_techniques import LSUVInit, lsuv_init
+from lightning_techniques import LSUVInit
 from lightning_techniques.demo import DeepMLP, DigitsCNN, DigitsDataModule
+from lightning_techniques.functional import lsuv_init
 from lightning_techniques.init.lsuv import select_layers
 from lightning_techniques.testing import assert_exact_resume
 

@@ -99,6 +99,9 @@ class ImageAugmentation(Callback):
     Horizontal flips change the meaning of some classes (digits, text): choose the probabilities for your data.
     """
 
+    takes_over: frozenset[str] = frozenset({"batch_transform"})  # see lightning_techniques/_internal/conflicts.py
+    conflicts_with: tuple[str, ...] = ()
+
     def __init__(
         self,
         hflip_p: float = 0.5,

@@ -218,6 +218,9 @@ class LSUVInit(Callback):
     the weights at ``on_train_start`` (e.g. weight averaging).
     """
 
+    takes_over: frozenset[str] = frozenset({"weights_init"})  # see lightning_techniques/_internal/conflicts.py
+    conflicts_with: tuple[str, ...] = ()
+
     def __init__(
         self,
         tolerance: float = 0.1,

@@ -1,9 +1,17 @@
-"""Test harness for techniques (DESIGN.md section 5): exact resume, DDP scripts, YAML builds.
+"""Test harness for techniques (ARCHITECTURE.md section 5): exact resume, DDP scripts, YAML builds.
 
 Public so that users writing their own callbacks can hold them to the same contract.
 """
 
 from lightning_techniques.testing.cli import build_from_yaml
+from lightning_techniques.testing.contract import (
+    SimulatedKill,
+    assert_exact_resume_epochs,
+    assert_fingerprints_equal,
+    assert_picklable,
+    kill_at_step,
+    module_fingerprint,
+)
 from lightning_techniques.testing.ddp import (
     assert_ranks_agree,
     run_ddp_script,
@@ -13,7 +21,13 @@ from lightning_techniques.testing.ddp import (
 from lightning_techniques.testing.resume import assert_exact_resume, assert_same
 
 __all__ = [
+    "SimulatedKill",
     "assert_exact_resume",
+    "assert_exact_resume_epochs",
+    "assert_fingerprints_equal",
+    "assert_picklable",
+    "kill_at_step",
+    "module_fingerprint",
     "assert_ranks_agree",
     "assert_same",
     "build_from_yaml",

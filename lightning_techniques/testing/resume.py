@@ -84,13 +84,15 @@ def assert_exact_resume(
     atol: float = 0.0,
     trainer_kwargs: Mapping[str, Any] | None = None,
     compare_state: bool = True,
+    make_plugins: Callable[[], Sequence[Any]] | None = None,
 ) -> dict[str, Any]:
     """Train ``total_steps`` straight; train ``split_step`` (default half) with a checkpoint written at the end of
     that step's batch (as ``ModelCheckpoint(every_n_train_steps=...)`` does, so ``split_step`` may fall mid-epoch),
     resume in fresh objects to ``total_steps`` (loading with ``weights_only=True``); assert identical module
     weights and identical callback states.
 
-    Every object is built fresh by the factories (as a new process would). ``trainer_kwargs`` are added to both
+    Every object is built fresh by the factories (as a new process would); ``make_plugins`` builds the Trainer's
+    ``plugins`` (e.g. a precision plugin) fresh for each run. ``trainer_kwargs`` are added to both
     Trainers (e.g. ``precision``, ``accumulate_grad_batches``, ``val_check_interval``). Returns the straight run's
     ``{"module": ..., "callbacks": [...], "trainer": ...}`` for further assertions.
 
@@ -125,10 +127,12 @@ def assert_exact_resume(
         L.seed_everything(seed, verbose=False)
         module, datamodule, callbacks = make_module(), make_datamodule(), make_callbacks()
         extra = [_SaveAtStep(split, save)] if save is not None else []
+        plugins = list(make_plugins()) if make_plugins is not None else None
         trainer = L.Trainer(
-            max_steps=max_steps, default_root_dir=str(shared_root or tmp_path / root), callbacks=callbacks + extra, **base
+            max_steps=max_steps, default_root_dir=str(shared_root or tmp_path / root), callbacks=callbacks + extra,
+            plugins=plugins or None, **base
         )
-        # the checkpoint is loaded the safe way (DESIGN.md section 7): technique state must be plain data
+        # the checkpoint is loaded the safe way (ARCHITECTURE.md section 7): technique state must be plain data
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
         return {"module": module, "callbacks": callbacks, "trainer": trainer}
 

@@ -1,0 +1,309 @@
+"""The technique registry: one plain-data entry per public technique.
+
+Every public technique of the package is an entry here: its class, area, extra, paper, a one-line summary (the
+README's technique table is generated from these entries), a **tiny-run recipe** (demo module, demo data, the
+technique's arguments, Trainer settings) and the contract points it claims. The generic contract tests
+(``tests/test_contract*.py``) are parametrized over this registry, so a new technique is held to the whole contract -
+YAML build, exact resume in ``max_steps``- and ``max_epochs``-bounded runs split mid-epoch, the user's module
+untouched after ``fit`` and after an exception, combinations with every technique that takes over the same
+mechanism (both callback orders), 2-process DDP agreement - the moment its entry exists. The model is MosaicML
+Composer's ``tests/algorithms/algorithm_settings.py``.
+
+What a technique *takes over* (``takes_over``) and which techniques it refuses to run with (``conflicts_with``) are
+class attributes of the technique itself (the setup-time conflict check reads them there); the registry reads them
+from the class, so there is one source of truth.
+
+An entry that cannot meet a contract point lists it in ``exceptions`` with the reason - never a silent skip.
+See ``ARCHITECTURE.md`` ("Adding a technique") for the step-by-step recipe.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# The contract points an entry may list as an exception (with the reason).
+CONTRACT_POINTS = ("yaml", "resume_steps", "resume_epochs", "module_untouched", "ddp", "combinations")
+
+# Mechanisms / hooks whose owners are run together in pairs (both callback orders) by the combination tests.
+SHARED_MECHANISMS = ("configure_optimizers", "train_sampler", "batch_transform", "criterion", "loss_term", "precision")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A tiny run that exercises the technique on the bundled demo data (seconds on one CPU core).
+
+    ``module`` / ``data`` name classes of :mod:`lightning_techniques.demo`; ``kwargs`` are the technique's init
+    arguments (plain data, as in a YAML file); ``trainer`` are extra ``Trainer`` arguments for every run of the entry.
+    ``steps`` / ``split``: the ``max_steps``-bounded resume check (train ``steps``; checkpoint after ``split``).
+    ``epochs`` / ``epoch_batches`` / ``epoch_split``: the ``max_epochs``-bounded check (``epochs`` epochs of
+    ``epoch_batches`` batches; checkpoint after optimizer step ``epoch_split``, which must fall mid-epoch, then the
+    run is killed by an exception and resumed).
+    """
+
+    module: str = "DigitsCNN"
+    module_kwargs: Mapping[str, Any] = field(default_factory=lambda: {"channels": 4})
+    data: str = "DigitsDataModule"
+    data_kwargs: Mapping[str, Any] = field(default_factory=lambda: {"batch_size": 32})
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    trainer: Mapping[str, Any] = field(default_factory=lambda: {"limit_val_batches": 0})
+    steps: int = 6
+    split: int = 3
+    epochs: int = 2
+    epoch_batches: int = 4
+    epoch_split: int = 5
+
+    def build_module(self) -> Any:
+        demo = importlib.import_module("lightning_techniques.demo")
+        return getattr(demo, self.module)(**dict(self.module_kwargs))
+
+    def build_data(self) -> Any:
+        demo = importlib.import_module("lightning_techniques.demo")
+        return getattr(demo, self.data)(**dict(self.data_kwargs))
+
+
+EVAL_TRAINER = {"val_check_interval": 2, "limit_val_batches": 1}
+
+
+@dataclass(frozen=True)
+class Technique:
+    """One registry entry (plain data)."""
+
+    name: str
+    area: str
+    summary: str
+    paper: str
+    notebook: str
+    recipe: Recipe | None
+    kind: Literal["callback", "plugin", "loss"] = "callback"
+    module_path: str = "lightning_techniques"
+    extra: str | None = None
+    gpu_only: str = "no"
+    exceptions: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def cls(self) -> type:
+        return getattr(importlib.import_module(self.module_path), self.name)
+
+    @property
+    def takes_over(self) -> frozenset[str]:
+        return frozenset(getattr(self.cls, "takes_over", frozenset()))
+
+    @property
+    def conflicts_with(self) -> tuple[str, ...]:
+        return tuple(getattr(self.cls, "conflicts_with", ()))
+
+    def claims(self, point: str) -> bool:
+        """Whether the entry claims contract point ``point`` (it does unless listed as an exception)."""
+        if point not in CONTRACT_POINTS:
+            raise ValueError(f"point={point!r} is not a contract point; allowed: {', '.join(CONTRACT_POINTS)}.")
+        return point not in self.exceptions and self.recipe is not None
+
+    def build(self, **overrides: Any) -> Any:
+        """A fresh technique object from the recipe's arguments (``overrides`` replace some)."""
+        if self.recipe is None:
+            raise ValueError(f"{self.name} has no tiny-run recipe ({self.exceptions.get('resume_steps', '')}).")
+        return self.cls(**{**dict(self.recipe.kwargs), **overrides})
+
+
+def _t(name: str, area: str, summary: str, paper: str, notebook: str, recipe: Recipe | None = None, **kw: Any) -> Technique:
+    return Technique(name, area, summary, paper, notebook, Recipe() if recipe is None else recipe, **kw)
+
+
+_NB_QUICK = "00_quickstart"
+_NB_DATA = "01_data_techniques"
+_NB_OPTIM = "02_optimization"
+_NB_EVAL = "03_evaluation_and_interpretation"
+_IMBALANCED = {"batch_size": 32, "keep_fraction": {0: 0.1, 1: 0.1}}
+
+REGISTRY: tuple[Technique, ...] = (
+    # ------------------------------------------------------------------------------------------------ regularization
+    _t("EarlyStopping", "regularization",
+       "Lightning's early stopping (same arguments) that also restores the best weights, kept in memory or on disk",
+       "Prechelt 1998; Keras `restore_best_weights`", _NB_QUICK,
+       Recipe(kwargs={"monitor": "val_loss", "patience": 1}, trainer=EVAL_TRAINER)),
+    # ------------------------------------------------------------------------------------------------ init
+    _t("LSUVInit", "init",
+       "Orthonormal pre-init, then layer-by-layer scaling to unit output variance on the first batch; rank 0 "
+       "computes and broadcasts; never re-runs on resume",
+       "Mishkin & Matas 2016", _NB_QUICK),
+    # ------------------------------------------------------------------------------------------------ data
+    _t("CurriculumLearning", "data",
+       "Easy-first train sampler whose pool grows by a pacing function (linear / root / geometric / step / callable, "
+       "by step or epoch); difficulty from an array, a callable, self-paced or teacher loss; anti-curriculum; "
+       "class-balanced ranking (plain-PyTorch `CurriculumSampler` too)",
+       "Bengio et al. 2009; Hacohen & Weinshall 2019; Platanios et al. 2019", _NB_DATA,
+       Recipe(kwargs={"difficulty": "self_paced", "start_fraction": 0.3, "full_at": 8, "pacing": "linear"})),
+    _t("ClassWeightedLoss", "data",
+       "Class weights (inverse, inverse-sqrt, effective number) from the training labels, applied to the module's "
+       "criterion or exposed as `module.class_weights`; optional focal loss",
+       "Cui et al. 2019; Lin et al. 2017", _NB_DATA,
+       Recipe(data_kwargs=_IMBALANCED, kwargs={"mode": "effective", "beta": 0.999, "focal_gamma": 1.0})),
+    _t("FocalLoss", "data",
+       "Multi-class focal loss, a drop-in `nn.CrossEntropyLoss` (gamma=0 equals weighted CE)",
+       "Lin et al. 2017", _NB_DATA, None, kind="loss",
+       exceptions={point: "a loss module, not a callback: run through `ClassWeightedLoss(focal_gamma=...)`, whose "
+                          "entry holds the contract" for point in CONTRACT_POINTS}),
+    _t("Oversampling", "data",
+       "Class-rebalancing (or user-weighted) draw of the training set, with/without replacement, seeded; one global "
+       "draw split across DDP ranks",
+       "Buda et al. 2018", _NB_DATA,
+       Recipe(data_kwargs=_IMBALANCED, kwargs={"mode": "inverse", "seed": 3})),
+    # ------------------------------------------------------------------------------------------------ normalization
+    _t("ZScoreNormalization", "normalization",
+       "Standardise inputs with train-split mean/std (streaming float64, DDP all-reduced), identical at "
+       "train/val/test/predict, checkpointed (no refit on resume), exportable as a module",
+       "LeCun, Bottou, Orr & Müller 1998", _NB_DATA),
+    _t("MinMaxNormalization", "normalization",
+       "Scale inputs to a feature range with train-split min/max, same fitting, checkpointing and export",
+       "Han, Kamber & Pei 2011", _NB_DATA),
+    # ------------------------------------------------------------------------------------------------ augment
+    _t("InputNoise", "augment",
+       "Gaussian / uniform / salt-and-pepper input noise in training only, with a scheduled scale",
+       "Sietsma & Dow 1991; Bishop 1995", _NB_DATA,
+       Recipe(kwargs={"scale": 0.2, "final_scale": 0.0, "schedule": "linear", "schedule_steps": 8, "seed": 1})),
+    _t("ImageAugmentation", "augment",
+       "On-device kornia flips / rotation / colour jitter with per-technique probability, training only",
+       "Krizhevsky, Sutskever & Hinton 2012; kornia (Riba et al. 2020)", _NB_DATA,
+       Recipe(kwargs={"hflip_p": 0.5, "rotation_degrees": 10.0, "seed": 2}), extra="augment"),
+    _t("MixUp", "augment",
+       "Convex mixes of sample pairs and one-hot targets; soft-target loss through the criterion mechanism",
+       "Zhang, Cisse, Dauphin & Lopez-Paz 2018", _NB_DATA, Recipe(kwargs={"alpha": 0.4, "seed": 4})),
+    _t("CutMix", "augment",
+       "Paste a random box from another image, targets mixed by pasted area",
+       "Yun et al. 2019", _NB_DATA, Recipe(kwargs={"alpha": 1.0, "seed": 5})),
+    # ------------------------------------------------------------------------------------------------ optim
+    _t("OptimizerCallback", "optim",
+       "Any of 14 optimizers by name (Adam, AdamW, AMSGrad, SGD, Nesterov, RMSprop, Adagrad, Adadelta, NAdam, "
+       "RAdam, L-BFGS, Rprop, SparseAdam, ASGD) without editing `configure_optimizers`; no weight decay on biases / "
+       "norm weights; L-BFGS on Lightning's closure, SparseAdam + dense split, ASGD evaluated and checkpointed with "
+       "averaged weights",
+       "Kingma & Ba 2015; Loshchilov & Hutter 2019; Reddi et al. 2018; Liu & Nocedal 1989; Polyak & Juditsky 1992",
+       _NB_OPTIM, Recipe(kwargs={"name": "adamw", "lr": 0.003, "weight_decay": 0.01})),
+    _t("LRSchedule", "optim",
+       "Warm-up + cosine / linear / polynomial / step / exponential decay, one-cycle, cosine warm restarts, stepped "
+       "per optimizer step with the true step count under scheduled accumulation; logs `lr-<group>`",
+       "Goyal et al. 2017; Loshchilov & Hutter 2017; Smith & Topin 2019", _NB_OPTIM,
+       Recipe(kwargs={"schedule": "cosine", "warmup_steps": 2, "total_steps": 8})),
+    _t("ReduceLROnPlateau", "optim",
+       "Reduce the LR on a plateau of a logged metric (patience, factor, cooldown, min LR), the same decision on "
+       "every DDP rank",
+       "Bengio 2012", _NB_OPTIM,
+       Recipe(kwargs={"monitor": "val_loss", "patience": 0, "factor": 0.5, "interval": "step", "frequency": 2},
+              trainer=EVAL_TRAINER)),
+    _t("NonFiniteGuard", "optim",
+       "Skips optimizer steps whose gradients or loss are NaN/Inf (agreed across ranks; weights and optimizer state "
+       "untouched), stops after N in a row",
+       "Micikevicius et al. 2018", _NB_OPTIM),
+    _t("AdaptiveGradientClipping", "optim",
+       "Unit-wise gradient clipping relative to the weight norm, on unscaled, synchronised gradients",
+       "Brock, De, Smith & Simonyan 2021", _NB_OPTIM, Recipe(kwargs={"clipping": 0.02})),
+    _t("AutoClip", "optim",
+       "Clips the gradient norm at a percentile of a bounded window of its history (window checkpointed)",
+       "Seetharaman, Wichern, Pardo & Le Roux 2020", _NB_OPTIM, Recipe(kwargs={"percentile": 20.0})),
+    _t("AccumulationScheduler", "optim",
+       "Gradient accumulation scheduled by step or epoch, batch-size warm-up, aligned boundaries, true "
+       "optimizer-step count for LR schedules; refuses DeepSpeed",
+       "Goyal et al. 2017; Smith, Kindermans, Ying & Le 2018", _NB_OPTIM,
+       Recipe(kwargs={"scheduling": {0: 1, 2: 2}, "unit": "step"}, epoch_batches=6, epoch_split=5)),
+    _t("SmartMixedPrecision", "optim (precision plugin)",
+       "Best mixed precision for the device (bf16 / fp16 + scaler / fp32), chosen modules kept in fp32, loss-scale "
+       "history and the steps the scaler skipped",
+       "Micikevicius et al. 2018; Kalamkar et al. 2019", _NB_OPTIM,
+       Recipe(kwargs={"precision": "bf16-mixed", "device": "cpu"}), kind="plugin", gpu_only="fp16 path needs CUDA"),
+    # ------------------------------------------------------------------------------------------------ evaluation
+    _t("EvaluationReport", "evaluation",
+       "Val/test metrics (accuracy, balanced accuracy, P/R/F1 macro/micro/per class, AUROC, AP, confusion matrix, "
+       "ECE + reliability diagram; MAE/RMSE/R²) with bootstrap CIs at test, as tables and figures",
+       "Guo et al. 2017; Efron 1979", _NB_EVAL,
+       Recipe(kwargs={"figures": False, "every_n_val_epochs": 1}, trainer=EVAL_TRAINER)),
+    _t("PermutationImportance", "evaluation",
+       "Score drop when each input feature is permuted or a named layer's output is ablated",
+       "Breiman 2001; Fisher, Rudin & Dominici 2019", _NB_EVAL,
+       Recipe(kwargs={"features": True, "layers": ["head"], "stages": ["validate"], "n_repeats": 2,
+                      "max_samples": 32, "every_n_val_epochs": 1}, trainer=EVAL_TRAINER), extra="interpret"),
+    # ------------------------------------------------------------------------------------------------ interpret
+    _t("TSNELogger", "interpret",
+       "t-SNE of penultimate-layer embeddings coloured by label, 5-NN separation score, TensorBoard projector",
+       "van der Maaten & Hinton 2008", _NB_EVAL,
+       Recipe(kwargs={"every_n_val_epochs": 2, "max_samples": 40, "max_iter": 250, "projector": False},
+              trainer=EVAL_TRAINER), extra="interpret"),
+    _t("AttentionMapLogger", "interpret",
+       "Attention maps of chosen layers/heads (SDPA via q/k recomputation, `nn.MultiheadAttention`, "
+       "`nn.TransformerEncoder`, Hugging Face `transformers` >= 5 models under any `attn_implementation`, "
+       "padding/causal masks, rotary and grouped-query heads included), model outputs bit-identical",
+       "Vaswani et al. 2017; Vig 2019", _NB_EVAL,
+       Recipe(module="TinyTransformer", module_kwargs={"d_model": 16, "heads": 2},
+              kwargs={"every_n_val_epochs": 1, "num_samples": 1}, trainer=EVAL_TRAINER)),
+    _t("SaliencyLogger", "interpret",
+       "Vanilla-gradient saliency maps of fixed samples, overlays + arrays, under `inference_mode`, rank 0 only",
+       "Simonyan, Vedaldi & Zisserman 2014", _NB_EVAL,
+       Recipe(kwargs={"every_n_val_epochs": 1, "max_samples": 4}, trainer=EVAL_TRAINER), extra="interpret"),
+    _t("IntegratedGradientsLogger", "interpret",
+       "Integrated Gradients with the completeness check reported",
+       "Sundararajan, Taly & Yan 2017", _NB_EVAL,
+       Recipe(kwargs={"every_n_val_epochs": 1, "max_samples": 3, "n_steps": 8}, trainer=EVAL_TRAINER),
+       extra="interpret"),
+    _t("DeepLiftLogger", "interpret",
+       "DeepLIFT (Rescale) attributions with the summation-to-delta check",
+       "Shrikumar, Greenside & Kundaje 2017", _NB_EVAL,
+       Recipe(kwargs={"every_n_val_epochs": 1, "max_samples": 3}, trainer=EVAL_TRAINER), extra="interpret"),
+    _t("GradCAMLogger", "interpret",
+       "Grad-CAM heatmaps (layer by name or the last `Conv2d`), upsampled and overlaid",
+       "Selvaraju et al. 2017", _NB_EVAL,
+       Recipe(kwargs={"every_n_val_epochs": 1, "max_samples": 3}, trainer=EVAL_TRAINER), extra="interpret"),
+    _t("SHAPLogger", "interpret",
+       "SHAP values (GradientExplainer, DeepExplainer where the model allows, warned fallback) against a "
+       "training-data background",
+       "Lundberg & Lee 2017", _NB_EVAL,
+       Recipe(kwargs={"every_n_val_epochs": 2, "max_samples": 2, "background_size": 8, "nsamples": 20},
+              trainer=EVAL_TRAINER), extra="interpret"),
+    _t("LIMELogger", "interpret",
+       "LIME over grid superpixels through Captum",
+       "Ribeiro, Singh & Guestrin 2016", _NB_EVAL,
+       Recipe(kwargs={"every_n_val_epochs": 2, "max_samples": 2, "n_samples": 20, "superpixel_size": 4},
+              trainer=EVAL_TRAINER), extra="interpret"),
+)
+
+BY_NAME: dict[str, Technique] = {entry.name: entry for entry in REGISTRY}
+
+
+def entries(point: str | None = None) -> list[Technique]:
+    """The registry's entries, or those that claim contract ``point``."""
+    return [entry for entry in REGISTRY if point is None or entry.claims(point)]
+
+
+def combination_pairs() -> list[tuple[Technique, Technique]]:
+    """Every ordered pair of distinct entries that take over a shared mechanism in common (both orders)."""
+    pairs = []
+    runnable = [entry for entry in REGISTRY if entry.claims("combinations")]
+    for first in runnable:
+        for second in runnable:
+            if first is not second and first.takes_over & second.takes_over & set(SHARED_MECHANISMS):
+                pairs.append((first, second))
+    return pairs
+
+
+def readme_table() -> str:
+    """The README's technique table, generated from the registry (``python -m lightning_techniques.registry``)."""
+
+    def claim(entry: Technique, point: str) -> str:
+        if entry.claims(point):
+            return "yes"
+        return "via `ClassWeightedLoss`" if entry.name == "FocalLoss" else "no"
+
+    rows = ["| Class | Area | What it does | Paper | DDP | Resume | GPU-only | Notebook |",
+            "|---|---|---|---|---|---|---|---|"]
+    for entry in REGISTRY:
+        resume = "yes" if entry.claims("resume_steps") and entry.claims("resume_epochs") else claim(entry, "resume_steps")
+        rows.append(
+            f"| `{entry.name}` | {entry.area} | {entry.summary} | {entry.paper} | {claim(entry, 'ddp')} | {resume} "
+            f"| {entry.gpu_only} | `{entry.notebook}` |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # pragma: no cover - prints the table for README.md
+    print(readme_table())

@@ -1,0 +1,66 @@
+"""DDP run (2 CPU processes, gloo) over the technique registry: every entry that claims DDP runs its tiny recipe
+under ``strategy="ddp"``; then the stack of every compatible technique trains straight and resumes exactly from a
+mid-epoch checkpoint. Each rank saves its weights and technique states; tests/test_contract_ddp.py checks the ranks
+agree (one process launch for all techniques keeps the suite fast).
+
+Usage: ``python ddp_registry.py --out DIR`` (Lightning re-launches it for rank 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ on the path for the stack helpers
+
+from test_contract_combinations import STACK, merged_recipe, split  # noqa: E402
+
+from lightning_techniques import registry  # noqa: E402
+from lightning_techniques.testing import assert_exact_resume, save_rank_result, script_out_dir  # noqa: E402
+
+warnings.filterwarnings("ignore")  # a standalone script: keep the subprocess output readable
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+torch.set_num_threads(1)
+
+DDP = dict(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
+           enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, deterministic=True)
+
+
+def main() -> None:
+    out = script_out_dir()
+    result: dict = {}
+    rank = 0
+    for entry in registry.entries("ddp"):
+        recipe = entry.recipe
+        assert recipe is not None
+        make_callbacks, make_plugins = split([entry])
+        L.seed_everything(0, verbose=False)
+        module, callbacks = recipe.build_module(), make_callbacks()
+        trainer = L.Trainer(max_steps=recipe.steps, callbacks=callbacks, plugins=make_plugins() or None,
+                            default_root_dir=str(out / "runs" / entry.name), **DDP, **recipe.trainer)
+        trainer.fit(module, datamodule=recipe.build_data())
+        rank = trainer.global_rank
+        result[entry.name] = {
+            "steps": trainer.global_step,
+            "weights": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+            "state": {cb.state_key: cb.state_dict() for cb in callbacks},
+        }
+    recipe = merged_recipe(STACK)
+    make_callbacks, make_plugins = split(STACK)
+    ddp = {k: v for k, v in DDP.items() if k in ("devices", "strategy")}
+    straight = assert_exact_resume(recipe.build_module, recipe.build_data, make_callbacks, out / "stack", total_steps=6,
+                                   split_step=3, trainer_kwargs={**recipe.trainer, **ddp}, make_plugins=make_plugins)
+    result["<stack>"] = {
+        "weights": {k: v.detach().cpu() for k, v in straight["module"].state_dict().items()},
+        "names": [entry.name for entry in STACK],
+    }
+    save_rank_result(out, rank, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""2-process DDP over the technique registry: every entry that claims DDP, then the compatible stack resumed exactly,
+all in one process launch (tests/ddp/ddp_registry.py); the ranks must agree on weights and technique state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lightning_techniques import registry
+from lightning_techniques.testing import assert_ranks_agree, run_ddp_script
+
+SCRIPT = Path(__file__).parent / "ddp" / "ddp_registry.py"
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_every_entry_and_the_stack_agree_across_ranks(tmp_path: Path) -> None:
+    r0, r1 = run_ddp_script(SCRIPT, tmp_path)
+    expected = {entry.name for entry in registry.entries("ddp")} | {"<stack>"}
+    assert set(r0) == set(r1) == expected
+    for entry in registry.entries("ddp"):
+        assert r0[entry.name]["steps"] == entry.recipe.steps, entry.name
+    assert len(r0["<stack>"]["names"]) >= 20
+    assert_ranks_agree([r0, r1])

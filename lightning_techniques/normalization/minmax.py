@@ -12,6 +12,7 @@ from torch import nn
 from lightning_techniques._internal.distributed import all_reduce_max, all_reduce_min, all_reduce_sum
 from lightning_techniques._internal.validation import check_number
 from lightning_techniques.normalization._base import _FittedNormalization, reduce_dims
+from lightning_techniques.normalization.zscore import cached_cast
 
 # ---------------------------------------------------------------------------------------------------------------- core
 
@@ -75,7 +76,8 @@ class MinMaxScale(nn.Module):
         if x.ndim != self.scale.ndim + 1 or any(s != 1 and s != d for s, d in zip(self.scale.shape, x.shape[1:])):
             raise ValueError(f"MinMaxScale: input of shape {tuple(x.shape)} does not match the fitted statistics of "
                              f"shape {tuple(self.scale.shape)}.")
-        return min_max_scale(x, self.scale, self.offset)
+        scale, offset = cached_cast(self, ("scale", "offset"), x.dtype, x.device)  # not re-cast for every batch
+        return x * scale + offset
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.scale.shape)}"

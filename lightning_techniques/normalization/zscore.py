@@ -52,6 +52,23 @@ def safe_std(m2: torch.Tensor, count: float, eps: float = 1e-8) -> torch.Tensor:
     return torch.where(std <= eps, torch.ones_like(std), std)
 
 
+def cached_cast(module: nn.Module, names: tuple[str, ...], dtype: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``module``'s buffers ``names`` cast to ``dtype`` on ``device``, cast once and reused for every batch until a
+    buffer changes: replaced (``module.to(...)``, assignment) or modified in place (``load_state_dict`` copies into
+    it; tracked by the tensor's version counter). Inference tensors (no version counter) are cast every time."""
+    sources = tuple(getattr(module, name) for name in names)
+    if any(t.is_inference() for t in sources):
+        return tuple(t.to(device=device, dtype=dtype) for t in sources)
+    key = (dtype, device, torch.is_inference_mode_enabled(), tuple(t._version for t in sources))
+    cache = module.__dict__.get("_cast_cache")
+    # the cache holds the source tensors themselves: identity, not a reusable id(), tells a replaced buffer
+    if cache is None or cache[0] != key or any(a is not b for a, b in zip(cache[1], sources)):
+        cache = (key, sources, tuple(t.to(device=device, dtype=dtype) for t in sources))
+        module.__dict__["_cast_cache"] = cache
+    return cache[2]
+
+
 def standardize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """``(x - mean) / std`` computed in ``x``'s dtype (statistics broadcast over the batch dimension)."""
     return (x - mean.to(x.dtype)) / std.to(x.dtype)
@@ -86,7 +103,8 @@ class Standardize(nn.Module):
         if not x.is_floating_point():
             x = x.to(torch.get_default_dtype())
         _check_shape(x, self.mean, "Standardize")
-        return standardize(x, self.mean, self.std)
+        mean, std = cached_cast(self, ("mean", "std"), x.dtype, x.device)  # not re-cast for every batch
+        return (x - mean) / std
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.mean.shape)}"

@@ -278,3 +278,18 @@ def test_device_storage_stays_on_the_gpu(tmp_path: Path) -> None:
     assert all(v.is_cuda for v in early.best_weights.values())
     assert all(v.device.type == "cpu" for v in early.state_dict()["best_weights"].values())
     assert_same(snapshot_state(model), recorder.weights[1])
+
+
+def test_sharded_strategy_is_refused_as_misconfiguration() -> None:
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    class FSDPStrategy:  # only the name matters for the check
+        pass
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy(), val_check_interval=1.0, check_val_every_n_epoch=1,
+                              global_rank=0, default_root_dir=".")
+    with pytest.raises(MisconfigurationException, match="does not support FSDPStrategy"):
+        EarlyStopping().setup(trainer, None, "fit")
+    EarlyStopping(restore_best_weights=False).setup(trainer, None, "fit")  # without weights it is fine

@@ -194,7 +194,7 @@ class EarlyStopping(_LightningEarlyStopping):
         super().setup(trainer, pl_module, stage)
         strategy_name = type(trainer.strategy).__name__.lower()
         if self.restore_best_weights and ("fsdp" in strategy_name or "deepspeed" in strategy_name):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"EarlyStopping(restore_best_weights=True) does not support {type(trainer.strategy).__name__}: "
                 "sharded weights cannot be snapshotted per rank. Use restore_best_weights=False with ModelCheckpoint."
             )

@@ -121,6 +121,34 @@ def test_dropout_resume_is_exact_with_the_callback(tmp_path: Path) -> None:
     assert {s: straight.draws[s] for s in resumed.draws} == resumed.draws and min(resumed.draws) == 4
 
 
+class NoisyBatchDigits(DigitsCNN):
+    """No dropout: random augmentation drawn from torch's global generator in the module's own
+    ``on_after_batch_transfer`` (before any callback hook of the batch)."""
+
+    def __init__(self) -> None:
+        super().__init__(channels=4)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        x, y = batch
+        if self.trainer.training:
+            x = x + 0.3 * torch.randn_like(x)
+        return x, y
+
+
+@pytest.mark.parametrize("with_callback", [True, False])
+def test_augmentation_in_batch_transfer_hook_resumes_exactly(tmp_path: Path, with_callback: bool) -> None:
+    def run() -> None:
+        assert_exact_resume(NoisyBatchDigits, DigitsDataModule, lambda: [RNGStateCheckpoint()] if with_callback else [],
+                            tmp_path, total_steps=8, split_step=3,
+                            trainer_kwargs=dict(limit_train_batches=5, limit_val_batches=1))
+
+    if with_callback:
+        run()
+    else:
+        with pytest.raises(AssertionError, match="tensors differ"):
+            run()
+
+
 def test_dropout_resume_is_not_exact_without_it(tmp_path: Path) -> None:
     with pytest.raises(AssertionError, match="tensors differ"):
         _resume(tmp_path, lambda: [])

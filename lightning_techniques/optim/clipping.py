@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import fnmatch
 import math
+from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -130,32 +131,37 @@ def autoclip_threshold(history: Sequence[float], percentile: float) -> float:
 
 
 class SlidingWindowPercentile:
-    """The last ``size`` values of a stream (``None``: all) in arrival order and in sorted order, so that adding a
-    value and reading a percentile cost O(log n) comparisons plus one memmove, never a sort of the whole history.
+    """The last ``size`` values of a stream (``None``: all), kept in arrival order (a deque) and in sorted order (a
+    list), so that adding a value and reading a percentile cost O(log n) comparisons plus one memmove of the sorted
+    list, never a sort of the whole history.
 
-    ``values`` is the window in arrival order (a list, oldest first).
+    ``values``: the window in arrival order (a new list, oldest first).
     """
 
     def __init__(self, size: int | None = None, values: Iterable[float] = ()) -> None:
         self.size = size
-        self.values: list[float] = []
+        self._values: deque[float] = deque()
         self._sorted: list[float] = []
         for v in values:
             self.append(v)
 
+    @property
+    def values(self) -> list[float]:
+        return list(self._values)
+
     def append(self, value: float) -> None:
         value = float(value)
-        self.values.append(value)
+        self._values.append(value)
         bisect.insort(self._sorted, value)
-        if self.size is not None and len(self.values) > self.size:
-            oldest = self.values.pop(0)
+        if self.size is not None and len(self._values) > self.size:
+            oldest = self._values.popleft()
             del self._sorted[bisect.bisect_left(self._sorted, oldest)]
 
     def percentile(self, percentile: float) -> float:
         return percentile_of_sorted(self._sorted, percentile)
 
     def __len__(self) -> int:
-        return len(self.values)
+        return len(self._values)
 
 
 @torch.no_grad()
@@ -371,7 +377,7 @@ class AutoClip(_ClippingCallback):
 
     @property
     def history(self) -> list[float]:
-        """The norms in the window, oldest first (at most ``history_size``)."""
+        """The norms in the window, oldest first (at most ``history_size``; a copy)."""
         return self._window.values
 
     def _clip(self, trainer: Any, pl_module: Any, params: list[Tensor]) -> tuple[bool, float, float] | None:

@@ -9,8 +9,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_techniques._internal.sampling import SteeredSampler, seeded_permutation
 from lightning_techniques._internal.validation import check_number, check_positive
+from lightning_techniques.data.resumable import (  # noqa: F401 - re-exported: the demo's loaders are the public ones
+    EpochPermutation,
+    ResumableDataLoader,
+    epoch_shuffle_sampler,
+)
 
 
 class LabeledTensorDataset(Dataset):
@@ -27,54 +31,6 @@ class LabeledTensorDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.inputs[index], self.targets[index]
-
-
-class EpochPermutation:
-    """Plan for :class:`~lightning_techniques._internal.sampling.SteeredSampler`: a permutation seeded with
-    ``seed + epoch``, so an epoch's order depends neither on the global RNG nor on what ran before (a run resumed from
-    a checkpoint sees exactly the batches a straight run would have seen)."""
-
-    def __init__(self, num_samples: int, seed: int = 0) -> None:
-        self.num_samples = int(num_samples)
-        self.seed = int(seed)
-
-    def __call__(self, epoch: int) -> list[int]:
-        return seeded_permutation(self.num_samples, self.seed + epoch).tolist()
-
-
-def epoch_shuffle_sampler(dataset: Dataset, seed: int = 0, trainer: Any = None) -> SteeredSampler:
-    """A shuffling train sampler that is a ``DistributedSampler`` (Lightning leaves it unwrapped under DDP, where each
-    rank takes a disjoint stride of the same global permutation) and resumes mid-epoch exactly."""
-    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-    n = len(dataset)  # type: ignore[arg-type]
-    return SteeredSampler(dataset, EpochPermutation(n, seed), epoch_size=n, num_replicas=world, rank=rank)
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning checkpoints (it implements ``state_dict``/``load_state_dict``), so a run resumed
-    from a mid-epoch checkpoint continues the epoch exactly where it stopped instead of restarting it.
-
-    The position is read from the Trainer's own progress counters (batches *consumed* by the loop), not from the
-    iterator, which Lightning's fetcher runs one batch ahead. The sampler must provide ``resume_at(epoch, n)``
-    (the sampler-steering mechanism's ``SteeredSampler`` does; :func:`epoch_shuffle_sampler` builds one).
-    """
-
-    def __init__(self, *args: Any, datamodule: L.LightningDataModule | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.datamodule = datamodule
-
-    def state_dict(self) -> dict[str, int]:
-        trainer = getattr(self.datamodule, "trainer", None)
-        if trainer is None:
-            return {"epoch": 0, "batches": 0}
-        loop = trainer.fit_loop
-        return {"epoch": int(loop.epoch_progress.current.processed),
-                "batches": int(loop.epoch_loop.batch_progress.current.ready)}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        resume_at = getattr(self.sampler, "resume_at", None)
-        if resume_at is not None and self.batch_size is not None:
-            resume_at(int(state_dict["epoch"]), int(state_dict["batches"]) * self.batch_size)
 
 
 def _split(n: int, val_fraction: float, test_fraction: float, seed: int, labels: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -19,7 +19,8 @@ from lightning_techniques._internal.validation import check_choice, check_positi
 
 
 class ClassifierModule(L.LightningModule):
-    """Base: cross-entropy classification with ``train_loss``, ``val_loss``/``val_acc`` and ``test_acc`` logged.
+    """Base: cross-entropy classification with ``train_loss`` (per step), ``train_acc`` (epoch mean),
+    ``val_loss``/``val_acc`` and ``test_loss``/``test_acc`` logged.
 
     Args:
         lr: learning rate.
@@ -41,9 +42,11 @@ class ClassifierModule(L.LightningModule):
         logits = self(x)
         loss = self.criterion(logits, y)
         self.log(f"{stage}_loss", loss, prog_bar=stage != "train", sync_dist=stage != "train")
-        if stage != "train":
-            hard = y if y.ndim == 1 else y.argmax(dim=1)
-            acc = (logits.argmax(dim=1) == hard).float().mean()
+        hard = y if y.ndim == 1 else y.argmax(dim=1)
+        acc = (logits.argmax(dim=1) == hard).float().mean()
+        if stage == "train":  # an epoch mean (a per-step accuracy of one batch says little)
+            self.log("train_acc", acc, on_step=False, on_epoch=True)
+        else:
             self.log(f"{stage}_acc", acc, prog_bar=True, sync_dist=True)
         return loss
 
@@ -67,12 +70,18 @@ class ClassifierModule(L.LightningModule):
 
 
 class DigitsCNN(ClassifierModule):
-    """A small CNN for 8x8 digits: two 3x3 conv blocks, global pooling, a linear head."""
+    """A small CNN for 8x8 digits: two 3x3 conv blocks, global pooling, (optional dropout,) a linear head.
 
-    def __init__(self, channels: int = 32, num_classes: int = 10, lr: float = 3e-3, **kwargs: Any) -> None:
+    ``dropout`` > 0 puts an ``nn.Dropout`` before the head (a random layer: exact resume then needs
+    :class:`~lightning_techniques.RNGStateCheckpoint`)."""
+
+    def __init__(self, channels: int = 32, num_classes: int = 10, lr: float = 3e-3, dropout: float = 0.0,
+                 **kwargs: Any) -> None:
         super().__init__(lr=lr, **kwargs)
         self.save_hyperparameters()
         check_positive("channels", channels, integer=True)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout!r} must be in [0, 1).")
         self.features = nn.Sequential(
             nn.Conv2d(1, channels, 3, padding=1),
             nn.ReLU(),
@@ -83,10 +92,11 @@ class DigitsCNN(ClassifierModule):
             nn.ReLU(),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.head = nn.Linear(2 * channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.features(x)).flatten(1))
+        return self.head(self.dropout(self.pool(self.features(x)).flatten(1)))
 
 
 class DeepMLP(ClassifierModule):

@@ -124,6 +124,20 @@ REGISTRY: tuple[Technique, ...] = (
        "Lightning's early stopping (same arguments) that also restores the best weights, kept in memory or on disk",
        "Prechelt 1998; Keras `restore_best_weights`", _NB_QUICK,
        Recipe(kwargs={"monitor": "val_loss", "patience": 1}, trainer=EVAL_TRAINER)),
+    # issue #13 (regularisation and initialisation) - one block
+    _t("WeightInit", "init",
+       "Xavier/Glorot, He/Kaiming (fan-in/out, nonlinearity-aware), orthogonal, uniform, normal or zero init per "
+       "layer type / name pattern, biases constant; once at fit start (never on resume), rank 0 + broadcast; "
+       "refuses symmetric zero stacks",
+       "Glorot & Bengio 2010; He, Zhang, Ren & Sun 2015; Saxe, McClelland & Ganguli 2014", _NB_QUICK,
+       Recipe(kwargs={"scheme": "kaiming_normal", "by_name": {"head": "zeros"}, "seed": 3})),
+    # end of issue #13 block
+    # ------------------------------------------------------------------------------------------------ reproducibility
+    _t("RNGStateCheckpoint", "reproducibility",
+       "Every rank's torch / CUDA / numpy / Python random-generator states in the checkpoint (gathered under DDP, "
+       "`weights_only`-safe), restored before the first resumed batch: dropout and random augmentation resume exactly",
+       "PyTorch reproducibility notes; Hugging Face `Trainer` per-rank RNG checkpoints (Wolf et al. 2020)", _NB_QUICK,
+       Recipe(module_kwargs={"channels": 4, "dropout": 0.3})),
     # ------------------------------------------------------------------------------------------------ init
     _t("LSUVInit", "init",
        "Orthonormal pre-init, then layer-by-layer scaling to unit output variance on the first batch; rank 0 "

@@ -40,8 +40,9 @@ def merged_recipe(techniques: list[Technique]) -> Recipe:
     for entry in techniques:
         recipe = entry.recipe
         assert recipe is not None
-        if recipe.module != default.module and module == default.module:
-            module, module_kwargs = recipe.module, dict(recipe.module_kwargs)
+        if (recipe.module, dict(recipe.module_kwargs)) != (default.module, dict(default.module_kwargs)) and (
+                module, module_kwargs) == (default.module, dict(default.module_kwargs)):
+            module, module_kwargs = recipe.module, dict(recipe.module_kwargs)  # e.g. a dropout CNN for RNG state
         if recipe.data != default.data:
             data = recipe.data
         data_kwargs.update(recipe.data_kwargs)

@@ -44,7 +44,7 @@ def module_fingerprint(module: nn.Module) -> dict[str, Any]:
     submodule, its instance attributes (names, and values when plain), its hooks, parameters (names, shapes,
     dtypes, ``requires_grad``), buffers (names, persistence, dtypes) and train/eval mode, the criterion's options,
     and the ``state_dict`` keys. Values of weights are not included (training changes them)."""
-    print_ = {}
+    print_: dict[str, Any] = {}
     for name, sub in module.named_modules(remove_duplicate=False):
         attrs = {}
         for key, value in vars(sub).items():

@@ -110,7 +110,7 @@ def assert_exact_resume(
     split = total_steps // 2 if split_step is None else split_step
     if not 0 < split < total_steps:
         raise ValueError(f"split_step={split} must be in (0, total_steps={total_steps}).")
-    base = dict(
+    base: dict[str, Any] = dict(
         accelerator="cpu",
         devices=1,
         logger=False,
@@ -126,7 +126,7 @@ def assert_exact_resume(
     def run(max_steps: int, root: str, ckpt_path: str | None = None, save: str | None = None) -> dict[str, Any]:
         L.seed_everything(seed, verbose=False)
         module, datamodule, callbacks = make_module(), make_datamodule(), make_callbacks()
-        extra = [_SaveAtStep(split, save)] if save is not None else []
+        extra: list[Callback] = [_SaveAtStep(split, save)] if save is not None else []
         plugins = list(make_plugins()) if make_plugins is not None else None
         trainer = L.Trainer(
             max_steps=max_steps, default_root_dir=str(shared_root or tmp_path / root), callbacks=callbacks + extra,

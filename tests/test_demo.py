@@ -12,8 +12,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_techniques as lt
 from lightning_techniques.data import EpochPermutation, ResumableDataLoader, epoch_shuffle_sampler, resumable_loader
-from lightning_techniques.demo import data as demo_data
-
 from lightning_techniques.demo import (
     BreastCancerDataModule,
     DeepMLP,
@@ -22,6 +20,7 @@ from lightning_techniques.demo import (
     TabularMLP,
     TinyTransformer,
 )
+from lightning_techniques.demo import data as demo_data
 from lightning_techniques.demo.cli import TechniquesCLI
 from lightning_techniques.demo.run_report import learning_curves_figure, lsuv_figure
 from lightning_techniques.testing import assert_exact_resume
@@ -74,7 +73,7 @@ def test_cli_writes_curves_and_tested_model_for_a_short_run(tmp_path: Path, caps
     out = capsys.readouterr().out
     assert [int(row["epoch"]) for row in cli.history.history] == [0, 1, 2]
     assert all(0.0 <= row["train_acc"] <= 1.0 and row["val_loss"] > 0 for row in cli.history.history)
-    assert cli.tested_checkpoint.is_file() and f"Tested model (" in out
+    assert cli.tested_checkpoint.is_file() and "Tested model (" in out
     assert len(list(tmp_path.rglob("learning_curves_step*.png"))) == 1
 
 

@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning as L
 import torch
@@ -68,7 +68,7 @@ class TechniquesCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
-            "--torch_threads", type=Optional[int], default=None,
+            "--torch_threads", type=int | None, default=None,
             help="CPU threads torch uses (torch.set_num_threads); unset: torch's default. Small models: 1.",
         )
 

@@ -324,7 +324,7 @@ def test_misuse_is_reported_before_the_first_step(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="teacher_checkpoint"):
         _trainer(max_steps=2, callbacks=[CurriculumLearning(difficulty="teacher", teacher_checkpoint=str(
             tmp_path / "missing.ckpt")), counter]).fit(DigitsCNN(channels=4), datamodule=DigitsDataModule())
-    with pytest.raises(RuntimeError, match="both want to control the train sampler"):
+    with pytest.raises(ValueError, match="CurriculumLearning cannot be used together with Oversampling"):
         _trainer(max_steps=2, callbacks=[CurriculumLearning(difficulty="self_paced"), Oversampling(), counter]).fit(
             DigitsCNN(channels=4), datamodule=DigitsDataModule())
     assert counter.steps == 0

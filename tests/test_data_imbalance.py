@@ -229,10 +229,27 @@ class _NoCriterion(ClassifierModule):
         return F.cross_entropy(self(x), y, weight=self.class_weights)
 
 
-def test_weights_are_exposed_when_the_module_has_no_criterion() -> None:
+def test_a_module_without_criterion_is_refused_in_setup() -> None:
+    # F.cross_entropy in training_step: the weights could not reach the loss - silently doing nothing is refused
+    module = _NoCriterion()
+    trainer = _trainer(max_steps=2, callbacks=[ClassWeightedLoss()])
+    with pytest.raises(ValueError, match=r"cannot reach the loss of _NoCriterion.*self\.criterion = nn\.CrossEntropyLoss"
+                                         r"\(\).*expose_only=True"):
+        trainer.fit(module, datamodule=DigitsDataModule(batch_size=128, keep_fraction=IMBALANCED))
+    assert trainer.global_step == 0 and not module.used and not hasattr(module, "class_weights")
+
+
+def test_expose_only_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="expose_only=True .* cannot be combined"):
+        ClassWeightedLoss(expose_only=True, focal_gamma=2.0)
+    with pytest.raises(TypeError, match="expose_only must be a bool"):
+        ClassWeightedLoss(expose_only="yes")  # type: ignore[arg-type]
+
+
+def test_weights_are_exposed_when_the_module_opts_in() -> None:
     L.seed_everything(0)
     module = _NoCriterion()
-    cw = ClassWeightedLoss(mode="effective", beta=0.99)
+    cw = ClassWeightedLoss(mode="effective", beta=0.99, expose_only=True)
     _trainer(max_steps=2, callbacks=[cw]).fit(module, datamodule=DigitsDataModule(batch_size=128,
                                                                                 keep_fraction=IMBALANCED))
     torch.testing.assert_close(module.used[0], cw.class_weights.float())

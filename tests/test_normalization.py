@@ -113,6 +113,36 @@ def test_fit_on_dict_batches_with_input_key() -> None:
     torch.testing.assert_close(norm.std, x.double().std(0, unbiased=False))
 
 
+@pytest.mark.parametrize("cls, stat", [(ZScoreNormalization, "mean"), (MinMaxNormalization, "min")])
+def test_non_finite_training_data_is_named(cls, stat) -> None:
+    x = torch.randn(30, 5)
+    x[3, 1] = float("nan")  # feature 1: NaN
+    x[7, 4] = float("inf")  # feature 4: +Inf
+    norm = cls()
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: the training inputs contain non-finite values, so the "
+                                         rf"fitted '{stat}' / .* would be NaN/Inf: 1 of 5 features \(per='feature'\) "
+                                         r"hold NaN and 1 hold \+/-Inf"):
+        norm.fit([x[:16], x[16:]])
+    assert not norm.fitted  # nothing half-applied
+
+
+def test_non_finite_training_data_fails_before_the_first_step(trainer_kwargs) -> None:
+    from lightning_techniques.demo.data import LabeledTensorDataset
+
+    class NaNData(L.LightningDataModule):
+        def train_dataloader(self):
+            x = torch.randn(32, 30)
+            x[:, 2] = float("nan")
+            return torch.utils.data.DataLoader(LabeledTensorDataset(x, torch.zeros(32, dtype=torch.long)),
+                                               batch_size=8)
+
+    module = TabularMLP()
+    trainer = L.Trainer(max_steps=2, callbacks=[ZScoreNormalization()], **trainer_kwargs)
+    with pytest.raises(ValueError, match="ZScoreNormalization: the training inputs contain non-finite values"):
+        trainer.fit(module, datamodule=NaNData())
+    assert trainer.global_step == 0 and "on_after_batch_transfer" not in module.__dict__
+
+
 # ----------------------------------------------------------------------------------------------- integration: effect
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from lightning_techniques._internal.patching import MethodPatch
+from lightning_techniques._internal.patching import MethodPatch, undo_at_run_end
 
 #: ``fn(batch, stage) -> batch``
 BatchTransformFn = Callable[[Any, str], Any]
@@ -113,4 +113,6 @@ def add_batch_transform(
     if registry is None or not registry.patch.active:
         registry = _Registry(owner, trainer)
         owner.__dict__[_ATTR] = registry
-    return registry.add(name, fn, stage_set)
+    handle = registry.add(name, fn, stage_set)
+    undo_at_run_end(trainer, handle.remove)  # also undone when the run fails (no teardown then)
+    return handle

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn.modules.loss import _Loss
 
+from lightning_techniques._internal.patching import undo_at_run_end
+
 _MISSING = object()
 
 
@@ -63,6 +65,7 @@ class CriterionHandle:
         self.name, self.criterion = find_criterion(module, attr)
         self._original_criterion = self.criterion
         self._undo: list[tuple[nn.Module, str, Any, bool]] = []  # (obj, option, old value, was persistent buffer)
+        undo_at_run_end(getattr(module, "_trainer", None), self.restore)  # also undone when the run fails
 
     def options(self) -> list[str]:
         """The options :meth:`set` accepts for this criterion."""

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_techniques._internal.patching import MethodPatch
+from lightning_techniques._internal.patching import MethodPatch, undo_at_run_end
 
 #: ``fn(module, batch, batch_idx, loss) -> Tensor``: the term's value for this micro-batch (already weighted).
 LossTermFn = Callable[[nn.Module, Any, int, torch.Tensor], torch.Tensor]
@@ -113,7 +113,9 @@ def add_loss_term(module: nn.Module, name: str, fn: LossTermFn, *, log: bool = T
     if registry is None or not registry.patch.active:
         registry = _Registry(module)
         module.__dict__[_ATTR] = registry
-    return registry.add(name, fn, log)
+    handle = registry.add(name, fn, log)
+    undo_at_run_end(getattr(module, "_trainer", None), handle.remove)  # also undone when the run fails
+    return handle
 
 
 def registered_loss_terms(module: nn.Module) -> list[str]:

@@ -19,14 +19,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_techniques._internal.batch import get_inputs, get_targets
 from lightning_techniques._internal.distributed import broadcast_object
-from lightning_techniques._internal.sampling import SamplerSteering
+from lightning_techniques._internal.sampling import SteeringCallback
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
 from lightning_techniques.data.labels import find_labels
@@ -249,7 +248,7 @@ class CurriculumSampler(Sampler[int]):
 
 
 # ----------------------------------------------------------------------------------------------- Lightning adapter
-class CurriculumLearning(Callback):
+class CurriculumLearning(SteeringCallback):
     """Curriculum learning for a stock Trainer: the train loader draws from the easiest samples first, and the pool
     grows with training progress according to a pacing function until it holds the whole training set.
 
@@ -309,6 +308,9 @@ class CurriculumLearning(Callback):
     pacing step of a batch assumes a constant ``accumulate_grad_batches``; a pool fraction below one global batch
     repeats samples within a step; model scoring reads the whole training set once per scoring (on rank 0).
     """
+
+    takes_over: frozenset[str] = frozenset({"train_sampler"})
+    conflicts_with: tuple[str, ...] = ("Oversampling",)  # one sampler steerer per run (also: "train_sampler" is exclusive)
 
     def __init__(
         self,
@@ -385,10 +387,9 @@ class CurriculumLearning(Callback):
         self.epoch_start: list[int] = [-1, 0]  # [epoch, batches done before it]
         self.batches_done = 0
         self.full_at_resolved: int | None = None
+        self.accumulate_resolved: int | None = None  # accumulate_grad_batches the pacing assumes, fixed at first use
         self.pool_fraction = float("nan")
         # run objects
-        self._steering: SamplerSteering | None = None
-        self._pending_sampler_state: dict[str, int] | None = None
         self._trainer: Any = None
         self._module: Any = None
         self._collate_fn: Any = None
@@ -404,18 +405,7 @@ class CurriculumLearning(Callback):
         if self.teacher_checkpoint is not None and not Path(self.teacher_checkpoint).is_file():
             raise FileNotFoundError(f"CurriculumLearning: teacher_checkpoint={self.teacher_checkpoint!r} does not exist.")
         self._trainer, self._module = trainer, pl_module
-        self._pending_sampler_state = None  # a checkpoint's state arrives through load_state_dict after setup
-        self._steering = SamplerSteering(trainer, self._plan_factory, owner="CurriculumLearning")
-
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit" and self._steering is not None:
-            # keep the position so that a checkpoint saved after fit (trainer.save_checkpoint) still resumes exactly
-            self._pending_sampler_state = self._steering.state_dict()
-            self._steering.remove()
-            self._steering = None
-
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self.teardown(trainer, pl_module, "fit")
+        super().setup(trainer, pl_module, stage)  # conflicts refused, the sampler steered
 
     def _plan_factory(self, dataset: Dataset, loader: DataLoader) -> tuple[Callable[[int], Sequence[int]], int]:
         trainer = self._trainer
@@ -438,7 +428,11 @@ class CurriculumLearning(Callback):
             batches = min(batches, limit)
         elif isinstance(limit, float) and limit < 1.0:
             batches = max(1, int(batches * limit))
-        self._accumulate = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
+        if self.accumulate_resolved is None:
+            # fixed once (and checkpointed): a resumed run, whose Trainer may already hold a scheduled factor when the
+            # loader is built, must pace exactly as the straight run did
+            self.accumulate_resolved = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
+        self._accumulate = self.accumulate_resolved
         self._steps_per_epoch = max(1, math.ceil(batches / self._accumulate))
         if self.difficulty_fn is not None and (self.scores is None or len(self.scores) != n):
             scores = scores_from_fn(dataset, self.difficulty_fn) if trainer.is_global_zero else None
@@ -541,13 +535,14 @@ class CurriculumLearning(Callback):
 
     # -- checkpoint -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        sampler = self._steering.state_dict() if self._steering is not None else self._pending_sampler_state
+        sampler = self.sampler_state()
         return {
             "scores": self.scores,
             "scored_epoch": self.scored_epoch,
             "epoch_start": list(self.epoch_start),
             "batches_done": self.batches_done,
             "full_at_resolved": self.full_at_resolved,
+            "accumulate_resolved": self.accumulate_resolved,
             "sampler": sampler,
         }
 
@@ -557,9 +552,5 @@ class CurriculumLearning(Callback):
         self.epoch_start = [int(v) for v in state_dict.get("epoch_start", [-1, 0])]
         self.batches_done = int(state_dict.get("batches_done", 0))
         self.full_at_resolved = state_dict.get("full_at_resolved")
-        sampler = state_dict.get("sampler")
-        if sampler is not None:
-            if self._steering is not None:
-                self._steering.load_state_dict(sampler)
-            else:
-                self._pending_sampler_state = dict(sampler)
+        self.accumulate_resolved = state_dict.get("accumulate_resolved", self.accumulate_resolved)
+        self.load_sampler_state(state_dict.get("sampler"))

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.nn.modules.loss import _Loss
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.criterion import CriterionHandle
 from lightning_techniques._internal.distributed import (
     all_reduce_max,
@@ -27,7 +27,7 @@ from lightning_techniques._internal.distributed import (
     all_reduce_sum,
     broadcast_object,
 )
-from lightning_techniques._internal.sampling import SamplerSteering
+from lightning_techniques._internal.sampling import SteeringCallback
 from lightning_techniques._internal.validation import check_choice, check_non_negative, check_number, check_positive
 from lightning_techniques.data.labels import class_counts, find_labels
 
@@ -98,7 +98,9 @@ class FocalLoss(_Loss):
 
         criterion = FocalLoss(gamma=2.0, weight=class_weights(counts))
 
-    Limits: hard integer targets only (no soft/one-hot targets, no label smoothing).
+    Soft (class-probability) targets ``[B, C]``, as MixUp and CutMix produce, give
+    ``-sum_c y_c w_c (1 - p_c)^gamma log p_c`` averaged over the batch, like ``CrossEntropyLoss`` with probability
+    targets (``gamma=0`` equals it).
     """
 
     def __init__(self, gamma: float = 2.0, weight: Tensor | None = None, reduction: str = "mean",
@@ -112,8 +114,12 @@ class FocalLoss(_Loss):
         self.ignore_index = ignore_index
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if target.ndim == 2 and target.is_floating_point():
+            return self._soft(input, target)
         if target.ndim != 1 or target.is_floating_point():
-            raise ValueError("FocalLoss expects integer class targets of shape [B] (no soft targets).")
+            raise ValueError("FocalLoss expects integer class targets [B] or class-probability targets [B, C]; got "
+                             f"{'a floating' if target.is_floating_point() else 'an integer'} tensor of shape "
+                             f"{tuple(target.shape)}.")
         valid = target != self.ignore_index
         safe = torch.where(valid, target, torch.zeros_like(target))
         logp = F.log_softmax(input.float(), dim=1).gather(1, safe[:, None]).squeeze(1)
@@ -127,6 +133,23 @@ class FocalLoss(_Loss):
         if self.reduction == "sum":
             return loss.sum().to(input.dtype)
         return (loss.sum() / w.sum()).to(input.dtype)
+
+    def _soft(self, input: Tensor, target: Tensor) -> Tensor:
+        """Class-probability targets (MixUp / CutMix / label smoothing): ``-sum_c y_c w_c (1 - p_c)^gamma log p_c``,
+        averaged over the batch like ``CrossEntropyLoss`` with probability targets (so ``gamma=0`` equals it)."""
+        if target.shape != input.shape:
+            raise ValueError(f"FocalLoss: soft targets of shape {tuple(target.shape)} do not match the logits' "
+                             f"{tuple(input.shape)}.")
+        logp = F.log_softmax(input.float(), dim=1)
+        per_class = -((1.0 - logp.exp()).clamp_min(0.0) ** self.gamma) * logp * target.float()
+        if self.weight is not None:
+            per_class = per_class * self.weight.to(per_class.dtype)
+        loss = per_class.sum(dim=1)
+        if self.reduction == "none":
+            return loss.to(input.dtype)
+        if self.reduction == "sum":
+            return loss.sum().to(input.dtype)
+        return loss.mean().to(input.dtype)
 
 
 def _train_dataset(trainer: Any, owner: str) -> Dataset:
@@ -186,9 +209,12 @@ class ClassWeightedLoss(Callback):
     ``dataset_is_sharded=True`` (each rank holds its own part) each rank counts all of its labels and the counts
     are summed. The weights are computed at ``on_train_start`` (same on every rank), applied through the shared
     ``CriterionHandle`` (non-persistent buffers: the module's ``state_dict`` is unchanged) and undone at teardown.
-    When the module holds no loss-module attribute (and ``criterion_attr`` is not given) the weights are exposed as
-    a non-persistent buffer ``module.<expose_attr>`` for the module's own loss code. ``self.class_weights`` and
-    ``self.counts`` keep the values (also in the callback's checkpoint state).
+    A module that holds no loss-module attribute (its ``training_step`` calls ``F.cross_entropy`` itself) is refused
+    in ``setup``: the weights could not reach its loss. Either hold the loss as ``self.criterion =
+    nn.CrossEntropyLoss()``, or opt in with ``expose_only=True``: the weights are then only exposed as a
+    non-persistent buffer ``module.<expose_attr>`` for the module's own loss code (``F.cross_entropy(...,
+    weight=self.class_weights)``). ``self.class_weights`` and ``self.counts`` keep the values (also in the callback's
+    checkpoint state).
 
     Args:
         mode: ``"inverse"``, ``"inverse_sqrt"`` or ``"effective"``.
@@ -198,7 +224,9 @@ class ClassWeightedLoss(Callback):
         normalize: scale the weights of the present classes to sum to their number.
         num_classes: number of classes (default: largest label + 1).
         criterion_attr: name of the module's criterion attribute (default: the single loss-module attribute).
-        expose_attr: buffer name used when the module has no criterion.
+        expose_only: do not touch any criterion; only expose the weights as ``module.<expose_attr>`` (for a module
+            whose own loss code reads them).
+        expose_attr: buffer name used with ``expose_only``.
         target_key: where the target is in an item, if the labels must be read item by item.
         dataset_is_sharded: each DDP rank holds a different part of the data (see above).
 
@@ -211,6 +239,9 @@ class ClassWeightedLoss(Callback):
     from the train loader's dataset as it is at the start of fit (a dataset that changes later is not re-counted).
     """
 
+    takes_over: frozenset[str] = frozenset({"criterion"})
+    conflicts_with: tuple[str, ...] = ("ClassWeightedLoss",)  # two would set the same criterion's weight
+
     def __init__(
         self,
         mode: str = "inverse",
@@ -222,6 +253,7 @@ class ClassWeightedLoss(Callback):
         expose_attr: str = "class_weights",
         target_key: str | int | None = None,
         dataset_is_sharded: bool = False,
+        expose_only: bool = False,
     ) -> None:
         check_choice("mode", mode, WEIGHT_MODES)
         check_number("beta", beta, low=0.0, high=1.0, high_inclusive=False)
@@ -231,6 +263,11 @@ class ClassWeightedLoss(Callback):
             check_number("num_classes", num_classes, low=2, integer=True)
         if not isinstance(expose_attr, str) or not expose_attr.isidentifier():
             raise ValueError(f"expose_attr must be a Python identifier, got {expose_attr!r}.")
+        if not isinstance(expose_only, bool):
+            raise TypeError(f"expose_only must be a bool, got {expose_only!r}.")
+        if expose_only and (focal_gamma is not None or criterion_attr is not None):
+            raise ValueError("expose_only=True only exposes the weights as module.<expose_attr>; it cannot be combined "
+                             "with focal_gamma or criterion_attr, which change the module's criterion.")
         self.mode = mode
         self.beta = beta
         self.focal_gamma = focal_gamma
@@ -240,6 +277,7 @@ class ClassWeightedLoss(Callback):
         self.expose_attr = expose_attr
         self.target_key = target_key
         self.dataset_is_sharded = dataset_is_sharded
+        self.expose_only = expose_only
         self.class_weights: Tensor | None = None
         self.counts: Tensor | None = None
         self._handle: CriterionHandle | None = None
@@ -248,16 +286,27 @@ class ClassWeightedLoss(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        try:
-            handle = CriterionHandle(pl_module, self.criterion_attr)
-        except AttributeError:
-            if self.criterion_attr is not None or self.focal_gamma is not None:
-                raise
-            handle = None
+        check_conflicts(trainer, self)
+        handle: CriterionHandle | None = None
+        if self.expose_only:
             if hasattr(pl_module, self.expose_attr):
                 raise ValueError(
-                    f"ClassWeightedLoss: {type(pl_module).__name__} has no criterion attribute and already has an "
-                    f"attribute {self.expose_attr!r}; pass expose_attr=... with a free name."
+                    f"ClassWeightedLoss(expose_only=True): {type(pl_module).__name__} already has an attribute "
+                    f"{self.expose_attr!r}; pass expose_attr=... with a free name."
+                )
+        else:
+            try:
+                handle = CriterionHandle(pl_module, self.criterion_attr)
+            except AttributeError as err:
+                if self.criterion_attr is not None:
+                    raise
+                raise ValueError(
+                    f"ClassWeightedLoss cannot reach the loss of {type(pl_module).__name__}: {err} A loss computed "
+                    "with a function (F.cross_entropy) inside training_step is not seen, so the class weights would "
+                    "silently do nothing. Fix: hold the loss as an attribute (`self.criterion = "
+                    "nn.CrossEntropyLoss()` in __init__, `self.criterion(logits, y)` in training_step), or pass "
+                    "expose_only=True and use the weights yourself: F.cross_entropy(logits, y, "
+                    f"weight=self.{self.expose_attr})."
                 ) from None
         if handle is not None:
             if self.focal_gamma is not None and not isinstance(handle.criterion, nn.CrossEntropyLoss):
@@ -282,8 +331,6 @@ class ClassWeightedLoss(Callback):
             pl_module.register_buffer(self.expose_attr, weights.to(ref.device) if ref is not None else weights,
                                       persistent=False)
             self._exposed_on = pl_module
-            rank_zero_info(f"ClassWeightedLoss: {type(pl_module).__name__} holds no criterion attribute; the class "
-                           f"weights are exposed as module.{self.expose_attr}.")
         elif self.focal_gamma is not None:
             old = handle.criterion
             handle.replace(FocalLoss(self.focal_gamma, weight=weights, ignore_index=getattr(old, "ignore_index", -100),
@@ -314,7 +361,7 @@ class ClassWeightedLoss(Callback):
         self.counts = state_dict.get("counts")
 
 
-class Oversampling(Callback):
+class Oversampling(SteeringCallback):
     """Weighted oversampling of the training set: every epoch the train loader draws ``num_samples`` indices with
     probability proportional to a per-sample weight that rebalances the classes (or to user weights).
 
@@ -349,6 +396,9 @@ class Oversampling(Callback):
     needs a map-style dataset in a single ``DataLoader`` built with ``batch_size``.
     """
 
+    takes_over: frozenset[str] = frozenset({"train_sampler"})
+    conflicts_with: tuple[str, ...] = ("CurriculumLearning",)  # one sampler steerer per run (also: "train_sampler" is exclusive)
+
     def __init__(
         self,
         mode: str = "inverse",
@@ -381,25 +431,12 @@ class Oversampling(Callback):
         self.target_key = target_key
         self.seed = seed
         self.weights: Tensor | None = None  # the per-sample weights in use
-        self._steering: SamplerSteering | None = None
-        self._last_sampler_state: dict[str, int] | None = None
         self._trainer: Any = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit":
-            return
-        self._trainer = trainer
-        self._last_sampler_state = None
-        self._steering = SamplerSteering(trainer, self._plan_factory, owner="Oversampling")
-
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit" and self._steering is not None:
-            self._last_sampler_state = self._steering.state_dict()
-            self._steering.remove()
-            self._steering = None
-
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self.teardown(trainer, pl_module, "fit")
+        if stage == "fit":
+            self._trainer = trainer
+        super().setup(trainer, pl_module, stage)  # conflicts refused, the sampler steered
 
     def _compute_weights(self, dataset: Dataset) -> Tensor:
         n = len(dataset)  # type: ignore[arg-type]
@@ -429,14 +466,7 @@ class Oversampling(Callback):
         return plan, size
 
     def state_dict(self) -> dict[str, Any]:
-        sampler = self._steering.state_dict() if self._steering is not None else self._last_sampler_state
-        return {"sampler": sampler}
+        return {"sampler": self.sampler_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        sampler = state_dict.get("sampler")
-        if sampler is None:
-            return
-        if self._steering is not None:
-            self._steering.load_state_dict(sampler)
-        else:
-            self._last_sampler_state = dict(sampler)
+        self.load_sampler_state(state_dict.get("sampler"))

@@ -17,8 +17,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
+from lightning_techniques._internal import compat
 from lightning_techniques._internal.batch import get_inputs, set_inputs
 from lightning_techniques._internal.batch_transforms import add_batch_transform
+from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.validation import check_choice, check_non_negative, check_positive
 
 PER_CHOICES = ("feature", "channel", "global")
@@ -49,6 +51,9 @@ class _FittedNormalization(Callback):
     """Base adapter: fit on the training split once (never on resume), apply identically in every stage."""
 
     _what = "normalisation"
+    takes_over: frozenset[str] = frozenset({"batch_transform"})
+    # a second normalisation would be fitted on the raw inputs but applied to already normalised ones
+    conflicts_with: tuple[str, ...] = ("ZScoreNormalization", "MinMaxNormalization")
 
     def __init__(
         self,
@@ -107,18 +112,48 @@ class _FittedNormalization(Callback):
     def fit(self, batches: Any, strategy: Any = None) -> dict[str, torch.Tensor]:
         """Fit the statistics on an iterable of batches (or input tensors); all-reduced over ``strategy``'s ranks."""
         acc = self._empty()
+        nan: torch.Tensor | None = None  # per statistic entry: some input of it was NaN / +-Inf
+        inf: torch.Tensor | None = None
         for batch in batches:
             x = batch if isinstance(batch, torch.Tensor) else get_inputs(batch, self.input_key)
-            self._accumulate(acc, as_float(x).detach().to("cpu", torch.float64))
+            x = as_float(x).detach().to("cpu", torch.float64)
+            if x.shape[0]:
+                dims = reduce_dims(x.ndim, self.per)
+                batch_nan, batch_inf = torch.isnan(x).sum(dim=dims) > 0, torch.isinf(x).sum(dim=dims) > 0
+                nan = batch_nan if nan is None else nan | batch_nan
+                inf = batch_inf if inf is None else inf | batch_inf
+            self._accumulate(acc, x)
         if acc.get("count", 0) == 0 and strategy is None:
             raise ValueError(f"{type(self).__name__}: the training data yielded no samples to fit on.")
+        self._check_finite(strategy, nan, inf)
         self.stats = self._finish(strategy, acc)
         self._module = None
         self.num_fits += 1
         return self.stats
 
+    def _check_finite(self, strategy: Any, nan: torch.Tensor | None, inf: torch.Tensor | None) -> None:
+        """Refuse non-finite training inputs before fitting, naming the technique, the statistics that would be
+        NaN/Inf and how many features hold NaN and +/-Inf (agreed over ranks, so every rank raises)."""
+        if nan is None or inf is None:
+            return
+        from lightning_techniques._internal.distributed import all_reduce_max
+
+        nan = all_reduce_max(strategy, nan.to(torch.float64)) > 0
+        inf = all_reduce_max(strategy, inf.to(torch.float64)) > 0
+        if not bool(nan.any() or inf.any()):
+            return
+        names = [{"m2": "std"}.get(key, key) for key in self._empty() if key != "count"]
+        raise ValueError(
+            f"{type(self).__name__}: the training inputs contain non-finite values, so the fitted "
+            f"{' / '.join(repr(n) for n in names)} would be NaN/Inf: {int(nan.sum())} of {nan.numel()} features "
+            f"(per={self.per!r}) hold NaN and {int(inf.sum())} hold +/-Inf. Clean or impute the training data "
+            "(e.g. drop those samples or torch.nan_to_num) before fitting."
+        )
+
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            check_conflicts(trainer, self)
         if self._handle is None:
             self._handle = add_batch_transform(trainer, pl_module, f"{type(self).__name__}", self._transform,
                                                stages=self.stages)
@@ -176,13 +211,13 @@ class _FittedNormalization(Callback):
     def _training_batches(self, trainer: Any) -> Iterator[Any]:
         """One pass over the training split: this rank's shard of a map-style dataset, in order, or the train loader
         itself (an iterable dataset / not a DataLoader)."""
-        loader = trainer.fit_loop._data_source.dataloader()
+        loader = compat.request_train_dataloader(trainer)
         if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
             dataset = loader.dataset
             world, rank = trainer.world_size, trainer.global_rank
             shard = Subset(dataset, list(range(rank, len(dataset), world))) if world > 1 else dataset
             return iter(DataLoader(shard, batch_size=self.fit_batch_size, shuffle=False, collate_fn=loader.collate_fn))
-        if isinstance(loader, (dict, list, tuple)) or type(loader).__name__ == "CombinedLoader":
+        if isinstance(loader, (dict, list, tuple)) or compat.is_combined_loader(loader):
             raise TypeError(
                 f"{type(self).__name__}: the training data is several loaders ({type(loader).__name__}); it fits on "
                 "one train DataLoader. Call fit(batches) on the instance yourself before trainer.fit."

@@ -2,8 +2,10 @@
 
 Lightning calls ``pl_module.configure_optimizers`` (looked up with ``getattr``) during ``strategy.setup``, after every
 callback's ``setup``. Callbacks that change what it returns register here in their ``setup``; the first registration
-installs ONE instance-level :class:`~lightning_techniques._internal.patching.MethodPatch`, the last unregistration
-(in ``teardown``) removes it. Because the wrapper only runs later, the callbacks compose in any order:
+installs ONE instance-level :class:`~lightning_techniques._internal.patching.MethodPatch` layer, the last
+unregistration (in ``teardown`` or ``on_exception``) removes it - also when another technique's layer (e.g.
+``AccumulationScheduler``'s) sits above or below it, in any order. Because the wrapper only runs later, the
+callbacks compose in any order:
 
 1. an *optimizer provider* (at most one, e.g. :class:`~lightning_techniques.optim.optimizers.OptimizerCallback`)
    builds the optimizers; without one the user's own ``configure_optimizers`` is called and parsed;
@@ -23,7 +25,8 @@ from typing import Any
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from lightning_techniques._internal.patching import MethodPatch
+from lightning_techniques._internal.compat import parse_optimizer_config
+from lightning_techniques._internal.patching import MethodPatch, undo_at_run_end
 
 OptimizerProvider = Callable[[nn.Module], Any]
 SchedulerProvider = Callable[[nn.Module, list], list]
@@ -41,11 +44,7 @@ _COMPOSITIONS: weakref.WeakKeyDictionary[nn.Module, _Composition] = weakref.Weak
 
 def _parse_user_config(conf: Any) -> tuple[list, list[dict[str, Any]]]:
     """Optimizers and scheduler config dicts from anything ``configure_optimizers`` may return."""
-    from lightning.pytorch.core.optimizer import _configure_optimizers, _MockOptimizer
-
-    if conf is None:
-        return [_MockOptimizer()], []
-    optimizers, schedulers, monitor = _configure_optimizers(conf)
+    optimizers, schedulers, monitor = parse_optimizer_config(conf)
     configs = []
     for scheduler in schedulers:
         if isinstance(scheduler, dict):
@@ -103,6 +102,7 @@ def register_optimizer_provider(module: nn.Module, owner: Any, provider: Optimiz
             "use only one optimizer callback."
         )
     composition.optimizer_provider = (owner, provider)
+    undo_at_run_end(getattr(module, "_trainer", None), lambda: unregister(module, owner))
 
 
 def register_scheduler_provider(module: nn.Module, owner: Any, provider: SchedulerProvider) -> None:
@@ -110,6 +110,7 @@ def register_scheduler_provider(module: nn.Module, owner: Any, provider: Schedul
     composition = _ensure(module)
     composition.scheduler_providers = [(o, p) for o, p in composition.scheduler_providers if o is not owner]
     composition.scheduler_providers.append((owner, provider))
+    undo_at_run_end(getattr(module, "_trainer", None), lambda: unregister(module, owner))
 
 
 def unregister(module: nn.Module, owner: Any) -> None:

@@ -24,7 +24,9 @@ from typing import Any, Literal
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_techniques._internal.patching import MethodPatch
+from lightning_techniques._internal import compat
+from lightning_techniques._internal.conflicts import check_conflicts
+from lightning_techniques._internal.patching import MethodPatch, undo_at_run_end
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
 
@@ -168,8 +170,13 @@ class AccumulationScheduler(Callback):
     ``configure_optimizers`` (elsewhere use :meth:`total_optimizer_steps`); refuses DeepSpeed (the engine owns accumulation, set once at start) and a
     Trainer that also sets ``accumulate_grad_batches``; the last group of an epoch is shorter when the epoch does not
     divide (Lightning always steps on the epoch's last batch); a mid-epoch resume is exact only with a resumable
-    (stateful) dataloader, as for any Lightning run.
+    (stateful) dataloader, as for any Lightning run, or with a technique that steers the train sampler
+    (``Oversampling``, ``CurriculumLearning``); refuses Lightning's ``GradientAccumulationScheduler`` and
+    ``OptimizerCallback("lbfgs")`` (checked in ``setup``).
     """
+
+    takes_over: frozenset[str] = frozenset({"accumulation", "configure_optimizers"})
+    conflicts_with: tuple[str, ...] = ("GradientAccumulationScheduler",)
 
     def __init__(
         self,
@@ -203,14 +210,14 @@ class AccumulationScheduler(Callback):
         self.switches: list[dict[str, int]] = []  # {"step", "epoch", "batch", "factor"} of every change
         self._trainer: Any = None
         self._patch: MethodPatch | None = None
+        self._trainer_factor: int | None = None  # the Trainer's own accumulate_grad_batches, put back after fit
 
     # ------------------------------------------------------------------ plan
     def plan(self, trainer: Any) -> list[PlannedStep]:
         """The exact optimizer steps of ``trainer``'s run (loads the train dataloader if needed, as
         ``estimated_stepping_batches`` does)."""
-        if trainer.train_dataloader is None:
-            trainer.fit_loop.setup_data()
-        batches = trainer.num_training_batches
+        # counted on a throw-away loader: a restored sampler / loader position is never used up by the count
+        batches = compat.count_train_batches(trainer)
         if batches == float("inf"):
             raise ValueError("AccumulationScheduler.plan needs a sized train dataloader (an iterable one has no epochs).")
         return plan_accumulation(self.schedule, self.unit, int(batches), trainer.max_epochs, trainer.max_steps)
@@ -227,8 +234,9 @@ class AccumulationScheduler(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        check_conflicts(trainer, self)
         strategy = trainer.strategy
-        if "deepspeed" in type(strategy).__name__.lower() or getattr(strategy, "handles_gradient_accumulation", False):
+        if compat.strategy_owns_accumulation(strategy):
             raise ValueError(
                 f"AccumulationScheduler cannot schedule accumulation under {type(strategy).__name__}: the strategy "
                 "owns gradient accumulation (DeepSpeed fixes it at start). Use a constant accumulate_grad_batches."
@@ -236,15 +244,12 @@ class AccumulationScheduler(Callback):
         if not pl_module.automatic_optimization:
             raise ValueError("AccumulationScheduler needs automatic optimization (manual optimization accumulates "
                              "in the user's training_step).")
-        if trainer.accumulate_grad_batches not in (1, self.factor):
-            raise ValueError(
-                f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}) conflicts with "
-                "AccumulationScheduler: remove one of them."
-            )
         self._trainer = trainer
+        self._trainer_factor = trainer.accumulate_grad_batches
         trainer.accumulate_grad_batches = self.factor
         if self._patch is None or not self._patch.active:
             self._patch = MethodPatch(pl_module, "configure_optimizers", self._true_estimate_during)
+            undo_at_run_end(trainer, self._patch.restore)
 
     def _true_estimate_during(self, original: Any) -> Any:
         """Wrap ``configure_optimizers`` so that ``trainer.estimated_stepping_batches`` read inside it is the true
@@ -255,25 +260,19 @@ class AccumulationScheduler(Callback):
             trainer = self._trainer
             if trainer is None or trainer.max_epochs in (None, -1):
                 return original(*args, **kwargs)
-            had_loader = trainer.fit_loop._combined_loader is not None
+            had_loader = compat.fit_loader_is_set_up(trainer)
             try:
                 try:
                     total = self.total_optimizer_steps(trainer)
                 except ValueError:  # an iterable (unsized) train loader: nothing to correct
                     return original(*args, **kwargs)
-                loop = trainer.fit_loop.epoch_loop
-                saved = (loop.max_steps, trainer.accumulate_grad_batches)
-                loop.max_steps, trainer.accumulate_grad_batches = total, 1
-                try:
+                with compat.stepping_batches_as(trainer, total):
                     return original(*args, **kwargs)
-                finally:
-                    loop.max_steps, trainer.accumulate_grad_batches = saved
             finally:
-                if not had_loader:
-                    # Counting the batches set the train data up early (as estimated_stepping_batches does); drop it
-                    # so that the fit loop sets it up itself after the checkpoint is restored - only then does it
-                    # load a resumable loader's state (a Lightning quirk: an early setup_data() skips that load).
-                    trainer.fit_loop._combined_loader = None
+                if not had_loader and compat.fit_loader_is_set_up(trainer):
+                    # configure_optimizers read estimated_stepping_batches, which set the train data up before the
+                    # checkpoint's loop state is restored: hand the set-up back to the fit loop
+                    compat.discard_train_loader(trainer)
 
         return configure_optimizers
 
@@ -318,7 +317,13 @@ class AccumulationScheduler(Callback):
             self._patch.restore()
             self._patch = None
         if stage == "fit":
+            if self._trainer_factor is not None:
+                trainer.accumulate_grad_batches = self._trainer_factor  # the Trainer as the user built it
+                self._trainer_factor = None
             self._trainer = None
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")  # a failed fit leaves neither the module nor the Trainer changed
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -12,11 +12,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_techniques._internal import compat
+from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.distributed import all_reduce_sum, is_distributed
 from lightning_techniques._internal.validation import check_choice, check_non_negative, check_positive
 from lightning_techniques.optim._configure import register_optimizer_provider, unregister
@@ -297,6 +299,15 @@ def asgd_averages(optimizer: Optimizer) -> dict[Tensor, Tensor]:
     return {p: s["ax"] for p, s in optimizer.state.items() if isinstance(s, dict) and "ax" in s}
 
 
+_LBFGS_CONFLICTS: tuple[str, ...] = (
+    "OptimizerCallback",
+    "AccumulationScheduler",
+    "GradientAccumulationScheduler",
+    "AdaptiveGradientClipping",
+    "AutoClip",
+)
+
+
 class OptimizerCallback(Callback):
     """Gives an unmodified LightningModule any common optimizer, chosen by name, without weight decay on biases and
     normalisation weights.
@@ -349,8 +360,15 @@ class OptimizerCallback(Callback):
     Limits: one optimizer (automatic optimisation); while attached, the module's own ``configure_optimizers`` is
     not called at all (its optimizer and any scheduler it returns are dropped: add schedules with
     :class:`~lightning_techniques.optim.schedules.LRSchedule`); FSDP/DeepSpeed (which build optimizers themselves)
-    are not supported; ``16-mixed`` AMP with L-BFGS is refused.
+    are not supported; ``16-mixed`` AMP with L-BFGS is refused. Refused in ``setup``: a second
+    ``OptimizerCallback``; with ``"lbfgs"`` also any gradient accumulation (``AccumulationScheduler``, Lightning's
+    ``GradientAccumulationScheduler``, ``accumulate_grad_batches > 1``) and gradient clipping
+    (``AdaptiveGradientClipping``, ``AutoClip``, ``Trainer(gradient_clip_val=...)``), which would run inside every
+    closure evaluation of L-BFGS's line search.
     """
+
+    takes_over: frozenset[str] = frozenset({"configure_optimizers"})
+    conflicts_with: tuple[str, ...] = ("OptimizerCallback",)
 
     def __init__(
         self,
@@ -395,6 +413,22 @@ class OptimizerCallback(Callback):
         self.asgd_eval_averaged = asgd_eval_averaged
         self._module: nn.Module | None = None
         self._raw: dict[str, Tensor] | None = None  # raw ASGD weights while the averaged ones are in the model
+        if name == "lbfgs":  # this instance refuses more than the class does (see Limits)
+            self.takes_over = frozenset({"configure_optimizers", "optimizer_step"})
+            self.conflicts_with = _LBFGS_CONFLICTS
+            self.conflict_reasons = dict.fromkeys(
+                ("AccumulationScheduler", "GradientAccumulationScheduler"),
+                "L-BFGS re-evaluates the loss of ONE batch in its closure and cannot accumulate gradients over several",
+            ) | dict.fromkeys(
+                ("AdaptiveGradientClipping", "AutoClip"),
+                "clipping would run inside every closure evaluation of L-BFGS's line search and corrupt its curvature "
+                "estimate",
+            )
+        elif self._averaging:
+            self.takes_over = frozenset({"configure_optimizers", "eval_hooks"})
+
+    def conflict_label(self) -> str:
+        return f"OptimizerCallback(name={self.name!r})"
 
     # ------------------------------------------------------------------ set-up
     def _check_lbfgs(self, trainer: Any) -> None:
@@ -408,16 +442,18 @@ class OptimizerCallback(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = type(trainer.strategy).__name__.lower()
-        if "fsdp" in strategy or "deepspeed" in strategy:
+        check_conflicts(trainer, self)
+        if compat.is_fsdp(trainer.strategy) or compat.is_deepspeed(trainer.strategy):
             raise ValueError(f"OptimizerCallback does not support {type(trainer.strategy).__name__} "
                              "(it builds the optimizer itself).")
         if self.name == "lbfgs":
             self._check_lbfgs(trainer)
-            schedulers = [cb for cb in trainer.callbacks if isinstance(cb, GradientAccumulationScheduler)]
-            if any(factor != 1 for cb in schedulers for factor in cb.scheduling.values()):
-                raise ValueError("OptimizerCallback(name='lbfgs') cannot be used with a GradientAccumulationScheduler "
-                                 "that accumulates: L-BFGS re-evaluates the loss of ONE batch in its closure.")
+            clip = getattr(trainer, "gradient_clip_val", None)
+            if clip is not None and clip > 0:
+                raise ValueError(
+                    f"OptimizerCallback(name='lbfgs') cannot be used with Trainer(gradient_clip_val={clip}): "
+                    "clipping would run inside every closure evaluation of L-BFGS's line search. Remove it."
+                )
             if str(trainer.precision) in ("16-mixed", "16"):
                 raise ValueError(
                     f"OptimizerCallback(name='lbfgs') cannot run under precision={trainer.precision!r}: the AMP "

@@ -19,6 +19,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from lightning_techniques._internal import compat
+from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.distributed import broadcast_object
 from lightning_techniques._internal.step_logging import check_log_flag, should_log_step
 from lightning_techniques._internal.validation import (
@@ -226,6 +228,9 @@ class LRSchedule(Callback):
     ``one_cycle`` does not cycle momentum.
     """
 
+    takes_over: frozenset[str] = frozenset({"configure_optimizers", "lr"})
+    conflicts_with: tuple[str, ...] = ("ReduceLROnPlateau", "StochasticWeightAveraging")
+
     def __init__(
         self,
         schedule: str = "cosine",
@@ -289,11 +294,11 @@ class LRSchedule(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        check_conflicts(trainer, self)
         if not pl_module.automatic_optimization:
             raise ValueError("LRSchedule needs automatic optimisation (Lightning steps the scheduler); with manual "
                              "optimisation build a LambdaLR over lr_at(...) and step it yourself.")
-        strategy = type(trainer.strategy).__name__.lower()
-        if "deepspeed" in strategy:
+        if compat.is_deepspeed(trainer.strategy):
             raise ValueError("LRSchedule does not support DeepSpeed (it configures its own schedulers).")
         if self.total_steps is None and trainer.max_steps == -1 and trainer.max_epochs == -1:
             raise ValueError("LRSchedule: the run is endless (max_steps=-1, max_epochs=-1); pass total_steps=.")
@@ -416,6 +421,9 @@ class ReduceLROnPlateau(Callback):
     :class:`LRSchedule`, whose LambdaLR would overwrite the reductions).
     """
 
+    takes_over: frozenset[str] = frozenset({"configure_optimizers", "lr"})
+    conflicts_with: tuple[str, ...] = ("LRSchedule", "StochasticWeightAveraging")
+
     def __init__(
         self,
         monitor: str = "val_loss",
@@ -462,9 +470,10 @@ class ReduceLROnPlateau(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
+        check_conflicts(trainer, self)
         if not pl_module.automatic_optimization:
             raise ValueError("ReduceLROnPlateau needs automatic optimisation (Lightning steps the scheduler).")
-        if "deepspeed" in type(trainer.strategy).__name__.lower():
+        if compat.is_deepspeed(trainer.strategy):
             raise ValueError("ReduceLROnPlateau does not support DeepSpeed (it configures its own schedulers).")
         register_scheduler_provider(pl_module, self, self._provide)
 

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ on the path for the stack helpers
 
-from test_contract_combinations import STACK, merged_recipe, split  # noqa: E402
+from test_contract_combinations import STACK, split, stack_recipe  # noqa: E402
 
 from lightning_techniques import registry  # noqa: E402
 from lightning_techniques.testing import assert_exact_resume, save_rank_result, script_out_dir  # noqa: E402
@@ -50,11 +50,11 @@ def main() -> None:
             "weights": {k: v.detach().cpu() for k, v in module.state_dict().items()},
             "state": {cb.state_key: cb.state_dict() for cb in callbacks},
         }
-    recipe = merged_recipe(STACK)
+    recipe = stack_recipe(STACK)
     make_callbacks, make_plugins = split(STACK)
     ddp = {k: v for k, v in DDP.items() if k in ("devices", "strategy")}
-    straight = assert_exact_resume(recipe.build_module, recipe.build_data, make_callbacks, out / "stack", total_steps=6,
-                                   split_step=3, trainer_kwargs={**recipe.trainer, **ddp}, make_plugins=make_plugins)
+    straight = assert_exact_resume(recipe.build_module, recipe.build_data, make_callbacks, out / "stack", total_steps=recipe.steps,
+                                   split_step=recipe.split, trainer_kwargs={**recipe.trainer, **ddp}, make_plugins=make_plugins)
     result["<stack>"] = {
         "weights": {k: v.detach().cpu() for k, v in straight["module"].state_dict().items()},
         "names": [entry.name for entry in STACK],

@@ -158,7 +158,7 @@ def test_report_on_digits_agrees_with_module_and_data(tmp_path: Path) -> None:
     assert res["scalars"]["balanced_accuracy"] == pytest.approx(float((cm.diag() / support).mean()), abs=1e-6)
     lo, hi = res["ci"]["accuracy"]
     assert lo <= res["scalars"]["accuracy"] <= hi and hi - lo > 0
-    files = {p.name.split("_step")[0] for p in (tmp_path / "artifacts" / "evaluation").iterdir()}
+    files = {p.name.split("_step")[0].split("_latest")[0] for p in (tmp_path / "artifacts" / "evaluation").iterdir()}
     assert {"test_metrics", "test_per_class", "test_confusion_matrix", "test_reliability", "val_metrics"} <= files
     assert "val_reliability" not in files  # figures only at test by default
     csv = next((tmp_path / "artifacts" / "evaluation").glob("test_metrics_step*.csv")).read_text().splitlines()
@@ -361,3 +361,86 @@ def test_ddp_eval_embed_group(tmp_path: Path) -> None:
         assert_ranks_agree(results, keys=["hf_weights"])
         assert results[0]["hf_attention_layers"] == [f"model.bert.encoder.layer.{i}.attention.self" for i in range(2)]
         assert results[1]["hf_attention_layers"] == []
+
+
+# ----------------------------------------------------------------------------------------------- what a reader gets
+def _report_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("EvaluationReport (")]
+
+
+@pytest.mark.parametrize("summary, keep, lines, files", [
+    ("end", False, 1, 6),        # one line when fit is over; one replaced set of 3 tables (csv + md)
+    ("compact", False, 3, 6),    # one short line per validation report
+    ("full", True, 3, 18),       # the old behaviour: every report printed in full and kept as its own files
+])
+def test_report_prints_once_and_writes_a_latest_set(tmp_path: Path, caplog, summary: str, keep: bool, lines: int,
+                                                    files: int) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
+    report = EvaluationReport(bootstrap_resamples=0, figures=False, summary=summary, keep_every_epoch=keep)
+    trainer = _trainer(tmp_path, [report], max_steps=9, val_check_interval=3, limit_val_batches=1)
+    trainer.fit(DigitsCNN(channels=4), datamodule=DigitsDataModule())
+    assert report.val_epochs_seen == 3
+    printed = _report_lines(caplog)
+    assert len(printed) == lines
+    if summary == "compact":
+        assert all(line.count("=") == 5 for line in printed)  # n= and the four compact metrics
+        assert "precision_micro" not in printed[0]
+    else:
+        assert "precision_micro" in printed[-1]
+    written = sorted(p.name for p in (tmp_path / "artifacts" / "evaluation").iterdir())
+    assert len(written) == files
+    if not keep:
+        assert all("_latest." in name for name in written)
+        latest = (tmp_path / "artifacts" / "evaluation" / "val_metrics_latest.csv").read_text().splitlines()
+        assert latest[0] == "metric,value" and float(latest[1].split(",")[1]) == pytest.approx(
+            report.results["val"]["scalars"]["accuracy"], abs=1e-5)  # the last report, 6 significant digits
+    caplog.clear()
+    trainer.test(DigitsCNN(channels=4), datamodule=DigitsDataModule(), verbose=False)
+    assert len(_report_lines(caplog)) == (0 if summary == "none" else 1)  # the test summary, once
+
+
+def test_reliability_diagram_shows_the_samples_per_bin() -> None:
+    from lightning_techniques.evaluation.report import plot_reliability
+
+    probs, targets = _random_probs(300, 4, seed=0)
+    bins = reliability_bins(probs, targets, n_bins=10)
+    fig = plot_reliability(bins)
+    diagram, counts = fig.axes
+    assert diagram.get_ylabel() == "accuracy" and counts.get_ylabel() == "samples"
+    assert counts.get_xlabel() == "confidence"
+    annotated = [int(t.get_text()) for t in counts.texts]
+    assert annotated == [int(c) for c in bins["count"].tolist() if c > 0] and sum(annotated) == 300
+    assert "n=300" in diagram.get_title()
+
+
+def test_permutation_importance_bars_carry_the_repeats_spread(tmp_path: Path, monkeypatch) -> None:
+    from lightning_techniques._internal import artifacts as artifacts_mod
+    from lightning_techniques.demo import BreastCancerDataModule, TabularMLP
+
+    figures: dict[str, object] = {}
+    original = artifacts_mod.ArtifactLogger.log_figure
+
+    def keep(self, name, figure, step=None, close=True, latest=False):
+        figures[name] = figure
+        return original(self, name, figure, step, close=False, latest=latest)
+
+    monkeypatch.setattr(artifacts_mod.ArtifactLogger, "log_figure", keep)
+    L.seed_everything(0)
+    imp = PermutationImportance(n_repeats=3, max_samples=64, feature_names=[f"f{i}" for i in range(30)])
+    dm = BreastCancerDataModule()
+    trainer = _trainer(tmp_path, [imp], max_steps=3)
+    trainer.fit(TabularMLP(), datamodule=dm)
+    trainer.test(trainer.lightning_module, datamodule=dm, verbose=False)
+    ax = figures["importance/test_features"].axes[0]
+    from matplotlib.container import BarContainer
+
+    (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert bars.errorbar is not None  # error bars from the repeats
+    segments = bars.errorbar.lines[2][0].get_segments()
+    std = imp.results["test"]["features_std"]
+    half_widths = sorted(round(float(s[1][0] - s[0][0]) / 2, 6) for s in segments)
+    order = sorted(range(30), key=lambda i: float(imp.results["test"]["features"][i]), reverse=True)
+    assert half_widths == sorted(round(float(std[i]), 6) for i in order[:30])
+    assert "3 permutations" in ax.get_xlabel()

@@ -112,8 +112,13 @@ def test_multihead_attention_side_call() -> None:
     torch.testing.assert_close(maps["mha"], by_hand, atol=1e-5, rtol=0)
     image = attention_grid_image(maps, sample=1)
     assert image.shape == (48, 3 * 48 + 2 * 2, 3) and image.dtype.name == "uint8"
-    fig = plot_attention(maps, sample=1, heads=[0, 2])
-    assert len(fig.axes) == 2
+    fig = plot_attention(maps, sample=1, heads=[0, 2], token_labels=[f"t{i}" for i in range(6)])
+    plots = [ax for ax in fig.axes if getattr(ax, "_colorbar", None) is None]
+    assert len(plots) == 2 and len(fig.axes) == 3  # two heads and one shared colorbar
+    assert plots[0].get_ylabel() == "mha\nquery" and [ax.get_xlabel() for ax in plots] == ["key", "key"]
+    assert [t.get_text() for t in plots[0].get_xticklabels()] == [f"t{i}" for i in range(6)]
+    assert [t.get_text() for t in plots[0].get_yticklabels()] == [f"t{i}" for i in range(6)]
+    assert fig.axes[2]._colorbar.ax.get_ylabel() == "attention weight"
 
 
 @pytest.mark.parametrize("norm_first", [False, True])

@@ -141,8 +141,9 @@ class ArtifactLogger:
     def _step(self, step: int | None) -> int:
         return int(self.trainer.global_step if step is None else step)
 
-    def _path(self, name: str, step: int, suffix: str) -> Path:
-        return self.directory / f"{_safe(name)}_step{step:07d}{suffix}"
+    def _path(self, name: str, step: int, suffix: str, latest: bool = False) -> Path:
+        # latest=True: one file per name, replaced by each call (a "latest" set instead of one file per step)
+        return self.directory / (f"{_safe(name)}_latest{suffix}" if latest else f"{_safe(name)}_step{step:07d}{suffix}")
 
     def _loggers(self, kind: str) -> list[Any]:
         found = []
@@ -156,13 +157,14 @@ class ArtifactLogger:
         for logger in self._loggers("mlflow"):
             logger.experiment.log_artifact(logger.run_id, str(path), artifact_path=str(Path(_safe(name)).parent))
 
-    def log_image(self, name: str, image: Any, step: int | None = None) -> Path | None:
-        """An image (HxW, HxWxC or CxHxW; floats min-max scaled) as PNG."""
+    def log_image(self, name: str, image: Any, step: int | None = None, latest: bool = False) -> Path | None:
+        """An image (HxW, HxWxC or CxHxW; floats min-max scaled) as PNG (``latest``: ``<name>_latest.png``,
+        replaced each call, instead of one file per step; attached loggers still get the step)."""
         if not self._enabled():
             return None
         step = self._step(step)
         arr = to_uint8_image(image)
-        path = atomic_write_bytes(self._path(name, step, ".png"), encode_png(arr))
+        path = atomic_write_bytes(self._path(name, step, ".png", latest), encode_png(arr))
         for logger in self._loggers("tensorboard"):
             logger.experiment.add_image(name, arr, step, dataformats="HWC")
         for logger in self._loggers("wandb"):
@@ -172,14 +174,16 @@ class ArtifactLogger:
         self._mlflow_upload(path, name)
         return path
 
-    def log_figure(self, name: str, figure: Any, step: int | None = None, close: bool = True) -> Path | None:
-        """A matplotlib figure as PNG (closed afterwards unless ``close=False``)."""
+    def log_figure(self, name: str, figure: Any, step: int | None = None, close: bool = True,
+                   latest: bool = False) -> Path | None:
+        """A matplotlib figure as PNG (closed afterwards unless ``close=False``; ``latest`` as for
+        :meth:`log_image`)."""
         if not self._enabled():
             return None
         step = self._step(step)
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-        path = atomic_write_bytes(self._path(name, step, ".png"), buffer.getvalue())
+        path = atomic_write_bytes(self._path(name, step, ".png", latest), buffer.getvalue())
         for logger in self._loggers("tensorboard"):
             logger.experiment.add_figure(name, figure, step, close=False)
         for logger in self._loggers("wandb"):
@@ -193,8 +197,9 @@ class ArtifactLogger:
             plt.close(figure)
         return path
 
-    def log_table(self, name: str, table: Any, step: int | None = None) -> Path | None:
-        """A table (DataFrame, ``{column: values}`` or list of row dicts) as CSV, plus a Markdown copy."""
+    def log_table(self, name: str, table: Any, step: int | None = None, latest: bool = False) -> Path | None:
+        """A table (DataFrame, ``{column: values}`` or list of row dicts) as CSV, plus a Markdown copy (``latest``
+        as for :meth:`log_image`)."""
         if not self._enabled():
             return None
         step = self._step(step)
@@ -203,9 +208,9 @@ class ArtifactLogger:
         writer = csv.writer(text)
         writer.writerow(columns)
         writer.writerows([[_fmt(v) for v in row] for row in rows])
-        path = atomic_write_bytes(self._path(name, step, ".csv"), text.getvalue().encode())
+        path = atomic_write_bytes(self._path(name, step, ".csv", latest), text.getvalue().encode())
         markdown = table_to_markdown(table)
-        atomic_write_bytes(self._path(name, step, ".md"), markdown.encode())
+        atomic_write_bytes(self._path(name, step, ".md", latest), markdown.encode())
         for logger in self._loggers("tensorboard"):
             logger.experiment.add_text(name, markdown, step)
         for logger in self._loggers("wandb"):
@@ -215,15 +220,16 @@ class ArtifactLogger:
         self._mlflow_upload(path, name)
         return path
 
-    def log_array(self, name: str, array: Any, step: int | None = None) -> Path | None:
-        """A raw array/tensor as ``.npy`` (files only; loggers get images/figures/tables)."""
+    def log_array(self, name: str, array: Any, step: int | None = None, latest: bool = False) -> Path | None:
+        """A raw array/tensor as ``.npy`` (files only; loggers get images/figures/tables; ``latest`` as for
+        :meth:`log_image`)."""
         if not self._enabled():
             return None
         step = self._step(step)
         arr = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
         buffer = io.BytesIO()
         np.save(buffer, arr, allow_pickle=False)
-        path = atomic_write_bytes(self._path(name, step, ".npy"), buffer.getvalue())
+        path = atomic_write_bytes(self._path(name, step, ".npy", latest), buffer.getvalue())
         self._mlflow_upload(path, name)
         return path
 

@@ -167,13 +167,18 @@ def ablation_importance(
     return {"baseline": baseline, "importance": result}
 
 
-def _bar_figure(names: list[str], values: list[float], title: str) -> Any:
+def _bar_figure(names: list[str], values: list[float], title: str, errors: list[float] | None = None,
+                xlabel: str = "score drop") -> Any:
+    """Horizontal bars of the 30 largest ``values`` (largest on top), with ``errors`` as error bars when given."""
     figure_mod = require("matplotlib.figure", "interpret", "PermutationImportance figures")
     order = sorted(range(len(values)), key=lambda i: values[i], reverse=True)[:30]
-    fig = figure_mod.Figure(figsize=(5.0, 0.25 * len(order) + 1.0))
+    fig = figure_mod.Figure(figsize=(5.5, 0.28 * len(order) + 1.2), layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
-    ax.barh([names[i] for i in order][::-1], [values[i] for i in order][::-1], color="tab:blue")
-    ax.set_xlabel("score drop")
+    ax.barh([names[i] for i in order][::-1], [values[i] for i in order][::-1], color="tab:blue",
+            xerr=[errors[i] for i in order][::-1] if errors is not None else None, capsize=2,
+            error_kw={"elinewidth": 1, "ecolor": "black"})
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_xlabel(xlabel)
     ax.set_title(title)
     return fig
 
@@ -345,7 +350,10 @@ class PermutationImportance(EvaluationCallback):
                 ax.set_yticks([])
                 artifacts.log_figure(f"importance/{name}_features", fig)
             else:
-                artifacts.log_figure(f"importance/{name}_features", _bar_figure(names, flat, f"permutation importance ({name})"))
+                repeats = f"mean ± std over {self.n_repeats} permutations" if self.n_repeats > 1 else "one permutation"
+                artifacts.log_figure(f"importance/{name}_features", _bar_figure(
+                    names, flat, f"permutation importance ({name})", flat_std if self.n_repeats > 1 else None,
+                    f"{self.score} drop ({repeats})"))
             top = sorted(range(len(flat)), key=lambda i: flat[i], reverse=True)[:5]
             summary.append("top features: " + ", ".join(f"{names[i]} ({flat[i]:.3f})" for i in top))
         if "layers" in result:

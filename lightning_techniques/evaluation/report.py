@@ -292,13 +292,16 @@ def plot_confusion_matrix(matrix: Tensor, class_names: Sequence[str] | None = No
 
 
 def plot_reliability(bins: dict[str, Tensor], title: str = "") -> Any:
-    """A matplotlib Figure of the reliability diagram (accuracy vs confidence per bin, with the diagonal)."""
+    """A matplotlib Figure of the reliability diagram: accuracy vs confidence per bin with the diagonal and the
+    gap to it, and below it the number of samples in each bin (annotated), so a reader sees which bins rest on a
+    handful of samples."""
     figure_mod = require("matplotlib.figure", "interpret", "EvaluationReport figures")
     edges = bins["edges"].numpy()
     width = edges[1] - edges[0]
-    filled = (bins["count"] > 0).numpy()
-    fig = figure_mod.Figure(figsize=(4.2, 4.0))
-    ax = fig.add_subplot(1, 1, 1)
+    count = bins["count"].numpy()
+    filled = count > 0
+    fig = figure_mod.Figure(figsize=(4.4, 5.4), layout="constrained")
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.bar(edges[:-1][filled], bins["accuracy"].numpy()[filled], width=width, align="edge", edgecolor="k",
            color="tab:blue", alpha=0.8, label="accuracy")
     ax.bar(edges[:-1][filled], (bins["confidence"] - bins["accuracy"]).numpy()[filled],
@@ -307,10 +310,17 @@ def plot_reliability(bins: dict[str, Tensor], title: str = "") -> Any:
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
-    ax.set_title(title or f"reliability (ECE {float(bins['ece']):.3f})")
+    ax.set_title(title or f"reliability (ECE {float(bins['ece']):.3f}, n={int(count.sum())})")
     ax.legend(loc="upper left", fontsize=8)
+    hist.bar(edges[:-1], count, width=width, align="edge", edgecolor="k", color="tab:gray")
+    top = float(count.max()) if count.size else 1.0
+    for left, c in zip(edges[:-1], count):
+        if c > 0:
+            hist.text(left + width / 2, c + 0.03 * top, str(int(c)), ha="center", va="bottom", fontsize=6)
+    hist.set_ylim(0, 1.25 * max(top, 1.0))
+    hist.set_xlabel("confidence")
+    hist.set_ylabel("samples")
     return fig
 
 
@@ -349,6 +359,9 @@ def _first_tensor(output: Any) -> Tensor | None:
 
 
 _STAGE_NAMES = {"validate": "val", "test": "test"}
+SUMMARY_MODES = ("end", "compact", "full", "none")
+#: the scalars of the compact summary line
+_COMPACT = {"classification": ("accuracy", "balanced_accuracy", "f1_macro", "ece"), "regression": ("mae", "rmse", "r2")}
 
 
 class EvaluationReport(EvaluationCallback):
@@ -370,8 +383,10 @@ class EvaluationReport(EvaluationCallback):
 
     Artefacts (through the shared artefact logging, names prefixed ``evaluation/<val|test>_``): ``metrics`` table
     (value, and ``ci_low``/``ci_high`` at test), ``per_class`` table, ``confusion_matrix`` table and figure,
-    ``reliability`` figure (figures at test only unless ``validation_figures=True``). Scalars are also logged as ``report/<val|test>_<metric>`` through ``pl_module.log``. The
-    latest report per stage is kept in ``self.results["val" | "test"]``.
+    ``reliability`` figure (figures at test only unless ``validation_figures=True``; validation files are one
+    ``..._latest`` set replaced each report unless ``keep_every_epoch=True``). Scalars are also logged as
+    ``report/<val|test>_<metric>`` through ``pl_module.log``. The latest report per stage is kept in
+    ``self.results["val" | "test"]``; what is printed is set by ``summary`` (by default: once at the end).
 
     Args:
         task: ``"auto"`` (integer targets: classification, float: regression), ``"classification"`` or
@@ -390,6 +405,13 @@ class EvaluationReport(EvaluationCallback):
         figures: write the confusion-matrix and reliability figures (needs matplotlib) at test end.
         validation_figures: also write them at validation ends (off by default: drawing costs ~0.5 s a report).
         log_scalars: also log the scalars through ``pl_module.log``.
+        summary: what is printed (rank 0, Lightning's logger at INFO): ``"end"`` (default) the full summary after
+            ``trainer.test`` / ``trainer.validate`` and the last validation report once at the end of ``fit``;
+            ``"compact"`` also one short line per validation report; ``"full"`` the full summary every report;
+            ``"none"`` nothing. Never more than one line per report.
+        keep_every_epoch: write validation tables (and figures) of every report as their own files
+            (``..._step<N>``); by default one ``..._latest`` set is replaced each validation (test reports keep their
+            step-named files).
 
     Example::
 
@@ -422,6 +444,8 @@ class EvaluationReport(EvaluationCallback):
         figures: bool = True,
         validation_figures: bool = False,
         log_scalars: bool = True,
+        summary: Literal["end", "compact", "full", "none"] = "end",
+        keep_every_epoch: bool = False,
     ) -> None:
         check_choice("task", task, ["auto", "classification", "regression"])
         if isinstance(stages, str) or not stages:
@@ -434,6 +458,7 @@ class EvaluationReport(EvaluationCallback):
         check_number("bootstrap_resamples", bootstrap_resamples, low=0, integer=True)
         check_number("confidence", confidence, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
         check_choice("capture", capture, ["forward_hook", "rerun"])
+        check_choice("summary", summary, SUMMARY_MODES)
         if class_names is not None and (isinstance(class_names, str) or not all(isinstance(c, str) for c in class_names)):
             raise TypeError(f"class_names must be a list of strings, got {class_names!r}.")
         self.task = task
@@ -452,6 +477,8 @@ class EvaluationReport(EvaluationCallback):
         self.figures = figures
         self.validation_figures = validation_figures
         self.log_scalars = log_scalars
+        self.summary = summary
+        self.keep_every_epoch = keep_every_epoch
         self.results: dict[str, dict[str, Any]] = {}
         super().__init__()  # val_epochs_seen
         self._collector: _Collected | None = None
@@ -584,6 +611,7 @@ class EvaluationReport(EvaluationCallback):
 
     def _publish(self, trainer: Any, name: str, report: dict[str, Any]) -> None:
         artifacts = ArtifactLogger(trainer)
+        latest = name == "val" and not self.keep_every_epoch  # one replaced set, not 6 new files per epoch
         ci = report.get("ci", {})
         rows = []
         for key, value in report["scalars"].items():
@@ -591,9 +619,8 @@ class EvaluationReport(EvaluationCallback):
             if ci:
                 row["ci_low"], row["ci_high"] = ci.get(key, (math.nan, math.nan))
             rows.append(row)
-        artifacts.log_table(f"evaluation/{name}_metrics", rows)
-        lines = [f"{r['metric']}={r['value']:.4f}" for r in rows]
-        rank_zero_info(f"EvaluationReport ({name}, n={report['n']}): " + ", ".join(lines))
+        artifacts.log_table(f"evaluation/{name}_metrics", rows, latest=latest)
+        self._print_summary(trainer, name, report)
         if report["task"] != "classification":
             return
         c = report["confusion_matrix"].shape[0]
@@ -602,16 +629,40 @@ class EvaluationReport(EvaluationCallback):
         artifacts.log_table(
             f"evaluation/{name}_per_class",
             [{"class": names[i], **{k: per_class[k][i] for k in ("precision", "recall", "f1", "support")}}
-             for i in range(c)],
+             for i in range(c)], latest=latest,
         )
         cm = report["confusion_matrix"]
         artifacts.log_table(
             f"evaluation/{name}_confusion_matrix",
-            [{"true": names[i], **{names[j]: int(cm[i, j]) for j in range(c)}} for i in range(c)],
+            [{"true": names[i], **{names[j]: int(cm[i, j]) for j in range(c)}} for i in range(c)], latest=latest,
         )
         if self.figures and (name == "test" or self.validation_figures):
-            artifacts.log_figure(f"evaluation/{name}_confusion_matrix", plot_confusion_matrix(cm, names, f"{name} confusion matrix"))
-            artifacts.log_figure(f"evaluation/{name}_reliability", plot_reliability(report["reliability"]))
+            artifacts.log_figure(f"evaluation/{name}_confusion_matrix", plot_confusion_matrix(cm, names, f"{name} confusion matrix"), latest=latest)
+            artifacts.log_figure(f"evaluation/{name}_reliability", plot_reliability(report["reliability"]), latest=latest)
+
+    def summary_line(self, name: str, report: dict[str, Any], compact: bool = False) -> str:
+        """One line: ``EvaluationReport (<stage>, n=N): metric=value[ (ci_low-ci_high)], ...``."""
+        keys = _COMPACT[report["task"]] if compact else list(report["scalars"])
+        ci = report.get("ci", {})
+        parts = []
+        for key in keys:
+            text = f"{key}={report['scalars'][key]:.4f}"
+            if key in ci and not compact:
+                text += f" ({ci[key][0]:.4f}-{ci[key][1]:.4f})"
+            parts.append(text)
+        return f"EvaluationReport ({name}, n={report['n']}): " + ", ".join(parts)
+
+    def _print_summary(self, trainer: Any, name: str, report: dict[str, Any]) -> None:
+        during_fit = trainer.state.fn == "fit"
+        if self.summary == "full" or (self.summary in ("end", "compact") and not during_fit):
+            rank_zero_info(self.summary_line(name, report))
+        elif self.summary == "compact":
+            rank_zero_info(self.summary_line(name, report, compact=True))
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        # summary="end": the last validation report once, when fit is over (not every epoch)
+        if self.summary == "end" and "val" in self.results and trainer.is_global_zero:
+            rank_zero_info(self.summary_line("val", self.results["val"]))
 
     def _names(self, c: int) -> list[str]:
         if self.class_names is None:

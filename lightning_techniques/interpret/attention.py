@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_techniques._internal.artifacts import ArtifactLogger
+from lightning_techniques._internal.batch import get_inputs
 from lightning_techniques._internal.eval_stages import EvaluationCallback
 from lightning_techniques._internal.optional import require
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
@@ -329,7 +330,10 @@ def _short_layer_names(names: list[str]) -> tuple[list[str], str]:
 
 def plot_attention(maps: dict[str, Tensor], sample: int = 0, heads: Sequence[int] | None = None,
                    token_labels: Sequence[str] | None = None, title: str = "") -> Any:
-    """A matplotlib Figure: one heat map per (layer, head) of ``maps`` (``{layer: [B, H, Nq, Nk]}``) for ``sample``."""
+    """A matplotlib Figure: one heat map per (layer, head) of ``maps`` (``{layer: [B, H, Nq, Nk]}``) for ``sample``,
+    rows = layers, columns = heads; the y axis is the query position, the x axis the key position (labelled with
+    ``token_labels`` when given, else position indices), all maps on one colour scale with one colorbar
+    (attention weight)."""
     figure_mod = require("matplotlib.figure", "interpret", "attention figures")
     names = list(maps)
     labels, prefix = _short_layer_names(names)
@@ -337,22 +341,44 @@ def plot_attention(maps: dict[str, Tensor], sample: int = 0, heads: Sequence[int
         title = f"{title}\n{prefix}.*" if title else f"{prefix}.*"
     n_heads = max(m.shape[1] for m in maps.values())
     cols = list(heads) if heads is not None else list(range(n_heads))
-    fig = figure_mod.Figure(figsize=(1.7 * len(cols) + 0.6, 1.7 * len(names) + 0.4 + 0.15 * title.count("\n")),
-                            layout="constrained")  # room for the (two-line) title
+    shown = [maps[name][sample, head].float().cpu() for name in names for head in cols if head < maps[name].shape[1]]
+    vmax = max(float(m.max()) for m in shown) if shown else 1.0
+    fig = figure_mod.Figure(figsize=(1.9 * len(cols) + 1.6, 1.9 * len(names) + 0.8 + 0.15 * title.count("\n")),
+                            layout="constrained")  # room for the (two-line) title and the colorbar
     axes = fig.subplots(len(names), len(cols), squeeze=False)
+    image = None
     for r, name in enumerate(names):
         for c, head in enumerate(cols):
             ax = axes[r][c]
             if head < maps[name].shape[1]:
-                ax.imshow(maps[name][sample, head].float().cpu().numpy(), cmap="viridis", vmin=0.0)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if token_labels is not None and r == len(names) - 1:
-                ax.set_xticks(range(len(token_labels)), token_labels, fontsize=6, rotation=90)
+                m = maps[name][sample, head].float().cpu().numpy()
+                image = ax.imshow(m, cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+                n_q, n_k = m.shape
+                if token_labels is not None and len(token_labels) >= max(n_q, n_k):
+                    if r == len(names) - 1:
+                        ax.set_xticks(range(n_k), list(token_labels[:n_k]), fontsize=6, rotation=90)
+                    else:
+                        ax.set_xticks([])
+                    if c == 0:
+                        ax.set_yticks(range(n_q), list(token_labels[:n_q]), fontsize=6)
+                    else:
+                        ax.set_yticks([])
+                else:
+                    ax.tick_params(labelsize=6)
+                    if r != len(names) - 1:
+                        ax.set_xticklabels([])
+                    if c != 0:
+                        ax.set_yticklabels([])
+            else:
+                ax.set_axis_off()
             if r == 0:
                 ax.set_title(f"head {head}", fontsize=8)
             if c == 0:
-                ax.set_ylabel(labels[r], fontsize=7)
+                ax.set_ylabel(f"{labels[r]}\nquery", fontsize=7)
+            if r == len(names) - 1:
+                ax.set_xlabel("key", fontsize=7)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
     if title:
         fig.suptitle(title, fontsize=9)
     return fig
@@ -404,10 +430,11 @@ class AttentionMapLogger(EvaluationCallback):
 
     Runs on global rank 0 only (other ranks do nothing, so no collective is involved); works under Lightning's
     ``inference_mode`` evaluation (it needs no gradients) and changes no train/eval mode or ``requires_grad`` flag.
-    For each of the first ``num_samples`` samples it writes an image ``attention/<val|test>_sample<i>`` (rows:
-    layers, columns: heads; ``style="image"``, a fast tiled PNG) or an annotated matplotlib figure
-    (``style="figure"``, ~10x slower to draw) and, per layer, the ``[num_samples, H, N, N]`` array
-    ``attention/<val|test>_<layer>``.
+    For each of the first ``num_samples`` samples it writes ``attention/<val|test>_sample<i>`` (rows: layers,
+    columns: heads): by default (``style="figure"``) a figure a reader can read on its own (:func:`plot_attention`:
+    query / key axes labelled with the tokens when ``token_names`` are given, one colorbar of the attention
+    weight), or with ``style="image"`` a bare tiled PNG (~10x cheaper to draw, no axes); and, per layer, the
+    ``[num_samples, H, N, N]`` array ``attention/<val|test>_<layer>``.
     The last maps are kept in ``self.last_maps``.
 
     Args:
@@ -416,7 +443,9 @@ class AttentionMapLogger(EvaluationCallback):
         every_n_val_epochs: log every N-th validation epoch (0: never during fit).
         on_test: also log at test.
         num_samples: samples of the first batch to log.
-        style: ``"image"`` (tiled heat maps, cheap) or ``"figure"`` (matplotlib figure with titles).
+        style: ``"figure"`` (matplotlib figure with axes and colorbar) or ``"image"`` (tiled heat maps, cheap).
+        token_names: the vocabulary (``token_names[id]`` names token ``id``): with integer input ids in the batch
+            (``input_ids`` / the first element) the axes are labelled with the sample's tokens.
         causal: the q/k-projection layers use a causal mask.
         scale: softmax temperature of q/k-projection layers (default ``1/sqrt(d_head)``).
 
@@ -442,9 +471,10 @@ class AttentionMapLogger(EvaluationCallback):
         every_n_val_epochs: int = 5,
         on_test: bool = True,
         num_samples: int = 1,
-        style: str = "image",
+        style: str = "figure",
         causal: bool = False,
         scale: float | None = None,
+        token_names: list[str] | None = None,
     ) -> None:
         if layers is not None and (isinstance(layers, str) or not all(isinstance(n, str) for n in layers)):
             raise TypeError(f"layers must be a list of layer names or glob patterns, got {layers!r}.")
@@ -462,6 +492,9 @@ class AttentionMapLogger(EvaluationCallback):
         self.on_test = on_test
         self.num_samples = num_samples
         self.style = style
+        if token_names is not None and (isinstance(token_names, str) or not all(isinstance(t, str) for t in token_names)):
+            raise TypeError(f"token_names must be a list of strings (the vocabulary) or None, got {token_names!r}.")
+        self.token_names = list(token_names) if token_names is not None else None
         self.causal = causal
         self.scale = scale
         super().__init__()  # val_epochs_seen
@@ -516,13 +549,27 @@ class AttentionMapLogger(EvaluationCallback):
         for layer, m in maps.items():
             artifacts.log_array(f"attention/{name}_{layer}", m)
         count = min(m.shape[0] for m in maps.values())
+        tokens = self._tokens(batch, count)
         for i in range(count):
             if self.style == "image":
                 artifacts.log_image(f"attention/{name}_sample{i}", attention_grid_image(maps, sample=i, heads=self.heads))
             else:
-                fig = plot_attention(maps, sample=i, heads=self.heads,
+                fig = plot_attention(maps, sample=i, heads=self.heads, token_labels=tokens[i] if tokens else None,
                                      title=f"attention ({name}, step {trainer.global_step}, sample {i})")
                 artifacts.log_figure(f"attention/{name}_sample{i}", fig)
+
+    def _tokens(self, batch: Any, count: int) -> list[list[str]] | None:
+        """The tokens of the first ``count`` samples, when ``token_names`` and integer input ids are known."""
+        if self.token_names is None:
+            return None
+        try:
+            ids = get_inputs(batch)
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
+        if ids.is_floating_point() or ids.ndim != 2:
+            return None
+        vocab = self.token_names
+        return [[vocab[t] if 0 <= t < len(vocab) else str(t) for t in row] for row in ids[:count].tolist()]
 
     def _stop(self) -> None:
         if self._capture is not None:

@@ -6,8 +6,9 @@ Functional core (plain torch + Captum, no Lightning):
 * :func:`integrated_gradients` - Sundararajan, Taly & Yan 2017, with the completeness check
   (:func:`completeness_report`: attributions sum to ``f(x) - f(baseline)``).
 * :func:`deeplift` - Shrikumar, Greenside & Kundaje 2017 (Rescale rule, through Captum's ``DeepLift``).
-* :func:`attribution_heatmap`, :func:`mass_fraction`, :func:`overlay_grid` - turning attributions into
-  per-pixel maps, measuring where their mass is, drawing them over the inputs.
+* :func:`attribution_heatmap`, :func:`mass_fraction`, :func:`plot_attributions` (:func:`overlay_grid`: a cheap
+  unlabelled image) - turning attributions into per-pixel maps, measuring where their mass is, drawing them over
+  the inputs with the true class, prediction and confidence of each sample and a colorbar.
 
 Lightning adapter: :class:`AttributionLogger` is the ONE base class of every attribution logger (this module's
 and those in :mod:`.gradcam` and :mod:`.shap_lime`). It chooses a fixed set of samples once (per class, or the
@@ -238,6 +239,84 @@ def overlay_grid(inputs: Tensor, attributions: Tensor, alpha: float = 0.55, min_
     return (grid.clip(0, 1) * 255).round().astype(np.uint8)
 
 
+def _class_name(index: int, class_names: Sequence[str] | None) -> str:
+    return class_names[index] if class_names is not None and 0 <= index < len(class_names) else str(index)
+
+
+def plot_attributions(
+    inputs: Tensor,
+    attributions: Tensor,
+    labels: Tensor | Sequence[int],
+    predictions: Tensor | Sequence[int],
+    confidences: Tensor | Sequence[float],
+    class_names: Sequence[str] | None = None,
+    title: str = "",
+    columns: int = 8,
+) -> Any:
+    """A matplotlib Figure a reader can read on its own: for image inputs ``[B, C, H, W]``, per sample the input
+    and below it the attribution magnitude over it (``jet``; coarser maps such as Grad-CAM upsampled), each titled
+    with the true class, the prediction and its confidence (red when wrong), ``columns`` samples a row, one colorbar
+    (magnitude as a fraction of the sample's largest); for other inputs a samples x features map of the signed
+    attributions (``coolwarm``, symmetric) with the same labels per row and a colorbar."""
+    figure_mod = require("matplotlib.figure", "interpret", "attribution figures")
+    inputs = inputs.detach().float().cpu()
+    attributions = attributions.detach().float().cpu()
+    labels = [int(v) for v in (labels.tolist() if isinstance(labels, Tensor) else labels)]
+    predictions = [int(v) for v in (predictions.tolist() if isinstance(predictions, Tensor) else predictions)]
+    confidences = [float(v) for v in (confidences.tolist() if isinstance(confidences, Tensor) else confidences)]
+    n = len(labels)
+
+    def caption(i: int) -> str:
+        return (f"true {_class_name(labels[i], class_names)}\npred {_class_name(predictions[i], class_names)} "
+                f"({confidences[i]:.0%})")
+
+    if inputs.ndim != 4:
+        flat = attributions.flatten(1).numpy()
+        bound = float(np.abs(flat).max()) or 1.0
+        fig = figure_mod.Figure(figsize=(min(4.0 + 0.18 * flat.shape[1], 16.0), 1.2 + 0.4 * n), layout="constrained")
+        ax = fig.add_subplot(1, 1, 1)
+        im = ax.imshow(flat, cmap="coolwarm", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest")
+        ax.set_yticks(range(n), [caption(i).replace("\n", " / ") for i in range(n)], fontsize=8)
+        for tick, i in zip(ax.get_yticklabels(), range(n)):
+            tick.set_color("tab:red" if labels[i] != predictions[i] else "black")
+        ax.set_xlabel("input feature")
+        ax.set_ylabel("sample")
+        fig.colorbar(im, ax=ax, label="attribution (signed)")
+        ax.set_title(title or "attributions")
+        return fig
+    # one composited image per row of samples (overlay_grid) in one axes each: drawing ~40 small axes costs
+    # seconds a figure on a busy CPU, this a fraction of that
+    mpl = require("matplotlib", "interpret", "attribution figures")
+    cols = max(1, min(columns, n))
+    blocks = -(-n // cols)
+    h, w = inputs.shape[-2:]
+    scale, pad = max(1, -(-64 // max(h, w))), 2
+    fig = figure_mod.Figure(figsize=(1.45 * cols + 1.6, 3.3 * blocks + 0.4))
+    fig.subplots_adjust(left=0.07, right=0.86, top=1 - 0.75 / (3.3 * blocks + 0.4), bottom=0.03,
+                        hspace=0.45)
+    for b in range(blocks):
+        rows = range(b * cols, min(n, (b + 1) * cols))
+        grid = overlay_grid(inputs[rows.start : rows.stop], attributions[rows.start : rows.stop])
+        ax = fig.add_subplot(blocks, 1, b + 1)
+        ax.imshow(grid, interpolation="nearest")
+        centres = [pad + i * (w * scale + pad) + w * scale / 2 for i in range(len(rows))]
+        ax.set_xlim(-0.5, cols * (w * scale + pad) + pad - 0.5)
+        ax.xaxis.tick_top()
+        ax.set_xticks(centres, [caption(i) for i in rows], fontsize=8)
+        for tick, i in zip(ax.get_xticklabels(), rows):
+            tick.set_color("tab:red" if labels[i] != predictions[i] else "black")
+        ax.set_yticks([pad + h * scale / 2, 2 * pad + 1.5 * h * scale], ["input", "attribution"], fontsize=8)
+        ax.tick_params(length=0)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    cax = fig.add_axes((0.89, 0.15, 0.018, 0.7))
+    mappable = mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(0.0, 1.0), cmap="jet")
+    fig.colorbar(mappable, cax=cax, label="|attribution| / sample max")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
 @contextmanager
 def private_rng(seed: int, device: torch.device | None = None) -> Iterator[None]:
     """Seed torch / numpy / random with ``seed`` inside the context and put every global RNG state back afterwards,
@@ -349,8 +428,8 @@ class AttributionLogger(Callback):
       ``trainer.test`` (``log_on_test``).
     * **Where**: global rank 0 only, on the unwrapped ``trainer.lightning_module``; other ranks do nothing and wait
       for nothing (no collective is involved).
-    * **What**: ``<name>/<stage>/overlay`` (PNG: inputs over heatmap overlays, columns in the samples table's
-      order), ``<name>/<stage>/attributions``, ``/inputs`` (as the model saw them) and ``/raw_inputs`` (as the
+    * **What**: ``<name>/<stage>/overlay`` (a figure, :func:`plot_attributions`: each input over its heatmap,
+      titled with true class, prediction and confidence, with a colorbar; columns in the samples table's order), ``<name>/<stage>/attributions``, ``/inputs`` (as the model saw them) and ``/raw_inputs`` (as the
       loader yielded them, for display) (``.npy``), ``<name>/<stage>/samples`` (table: dataset
       index, label, prediction, explained class), plus what the method adds (IG: the completeness table), through
       the shared artefact logger; numeric summaries as metrics to the attached loggers; a short summary per event in
@@ -577,10 +656,12 @@ class AttributionLogger(Callback):
             artefacts.log_array(f"{prefix}/raw_inputs", raw_inputs.float(), step=step)  # before the batch hooks
         for suffix, table in tables.items():
             artefacts.log_table(f"{prefix}/{suffix}", table, step=step)
-        # one image, no matplotlib figure: a logging event must stay cheap (the samples table names the columns)
         # drawn over the raw inputs (as a reader knows them) where the hooks kept their shape
         shown = raw_inputs if raw_inputs is not None and raw_inputs.shape == inputs.shape else inputs
-        artefacts.log_image(f"{prefix}/overlay", overlay_grid(shown, attributions), step=step)
+        what = "prediction" if self.explain == "prediction" else "true class"
+        title = f"{self.name} ({stage}, step {step}): attribution of the {what}"
+        artefacts.log_figure(f"{prefix}/overlay", plot_attributions(
+            shown, attributions, labels, preds, probs.max(dim=1).values, self.class_names, title), step=step)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -131,6 +131,19 @@ REGISTRY: tuple[Technique, ...] = (
        "refuses symmetric zero stacks",
        "Glorot & Bengio 2010; He, Zhang, Ren & Sun 2015; Saxe, McClelland & Ganguli 2014", _NB_QUICK,
        Recipe(kwargs={"scheme": "kaiming_normal", "by_name": {"head": "zeros"}, "seed": 3})),
+    _t("L1Penalty", "regularization",
+       "`lambda * sum |w|` over the weights (not biases / norm parameters; regex / layer-type selection) added to the "
+       "training loss through the loss-term mechanism, linear warm-up, logged; drives weights to zero",
+       "Tibshirani 1996", _NB_QUICK, Recipe(kwargs={"coefficient": 1e-4, "warmup_steps": 2})),
+    _t("L2Penalty", "regularization",
+       "`lambda * sum w^2` over the weights added to the training loss (same selection, warm-up, logging); "
+       "decoupled weight decay is `OptimizerCallback(\"adamw\", weight_decay=...)`",
+       "Hoerl & Kennard 1970; Krogh & Hertz 1992", _NB_QUICK, Recipe(kwargs={"coefficient": 1e-3})),
+    _t("LabelSmoothing", "regularization",
+       "Smoothed targets `(1 - eps) y + eps / K` for the training batches through the criterion mechanism: "
+       "`label_smoothing` of `nn.CrossEntropyLoss` (class weights included), smoothed targets for `FocalLoss`; "
+       "validation loss left plain",
+       "Szegedy, Vanhoucke, Ioffe, Shlens & Wojna 2016", _NB_QUICK, Recipe(kwargs={"epsilon": 0.1})),
     # end of issue #13 block
     # ------------------------------------------------------------------------------------------------ reproducibility
     _t("RNGStateCheckpoint", "reproducibility",

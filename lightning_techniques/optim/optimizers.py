@@ -473,10 +473,7 @@ class OptimizerCallback(Callback):
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
-            unregister(pl_module, self)
-
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        unregister(pl_module, self)  # a failed fit must not leave the module patched
+            unregister(pl_module, self)  # after a failed fit the composition's own clean-up does it
 
     def _build(self, module: nn.Module) -> Optimizer:
         reducer = None

@@ -158,3 +158,20 @@ def test_fetch_samples_keeps_the_raw_batch_and_restores_the_stage(tmp_path) -> N
     assert trainer.state.stage == stage_before
     with pytest.raises(ValueError, match="stage='fit'"):
         batch_as_seen(trainer, raw, "fit")
+
+
+def test_loop_batch_loggers_score_the_normalised_inputs(tmp_path) -> None:
+    """PermutationImportance (like TSNELogger, AttentionMapLogger and EvaluationReport) takes the batches the loop
+    hands to ``on_validation_batch_end``, already through the hooks: its baseline is the model's real accuracy."""
+    from lightning_techniques import PermutationImportance
+
+    L.seed_everything(0, verbose=False)
+    imp = PermutationImportance(stages=["validate"], n_repeats=1, max_samples=10_000)
+    recorder = ValPredictions()
+    data = DigitsDataModule()
+    trainer = quiet(max_epochs=1, limit_train_batches=10, default_root_dir=str(tmp_path),
+                    callbacks=[ZScoreNormalization(per="channel"), recorder, imp])
+    trainer.fit(DigitsCNN(channels=8, lr=1e-2), datamodule=data)
+    real_acc = float((torch.cat(recorder.preds) == data.val_dataset.targets).double().mean())
+    assert imp.results["val"]["baseline"] == pytest.approx(real_acc, abs=1e-9)
+    assert imp.results["val"]["n"] == len(data.val_dataset)

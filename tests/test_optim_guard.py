@@ -246,3 +246,19 @@ def test_log_false_logs_nothing(trainer_kwargs: dict) -> None:
         trainer.fit(DigitsCNN(channels=8), datamodule=DigitsDataModule(batch_size=32))
         keys = {k for k in trainer.callback_metrics if k.startswith("nonfinite_guard/")}
         assert bool(keys) is log, keys
+
+
+def test_fused_check_leaves_gradients_bit_identical_and_covers_every_dtype() -> None:
+    torch.manual_seed(0)
+    grads = [torch.randn(3, 4), torch.randn(5).half(), torch.randn(2, 2).bfloat16(), torch.randn(3).double(),
+             torch.sparse_coo_tensor([[0, 2]], [1.0, 2.0], (4,))]
+    before = [g.clone() for g in grads]
+    assert bool(all_finite(grads))
+    for g, b in zip(grads, before):
+        assert torch.equal(g.to_dense(), b.to_dense())  # the GradScaler kernel with scale 1 changes nothing
+    for i in range(4):
+        poisoned = [g.clone() for g in grads]
+        poisoned[i].view(-1)[0] = float("inf") if i % 2 else float("nan")
+        assert not bool(all_finite(poisoned)), i
+    sparse_nan = torch.sparse_coo_tensor([[1]], [float("nan")], (4,))
+    assert not bool(all_finite([grads[0], sparse_nan]))

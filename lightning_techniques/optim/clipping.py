@@ -55,10 +55,23 @@ def unitwise_norm(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True)
 
 
-def _unit_norms(x: Tensor) -> Tensor:
-    """Unit-wise L2 norms of ``x`` as a flat float32 vector (one entry per output unit, one for ndim <= 1)."""
-    rows = x.reshape(x.shape[0], -1) if x.ndim >= 2 else x.reshape(1, -1)
-    return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
+def _row_norms(x: Tensor) -> Tensor:
+    """L2 norm of every output unit of a tensor with ``ndim >= 2`` (over all dims but the first), as a float32
+    vector: one op, no reshape, no copy."""
+    dims = tuple(range(1, x.ndim))
+    if x.dtype == torch.float32:
+        return torch.linalg.vector_norm(x, dim=dims)
+    return torch.linalg.vector_norm(x, dim=dims, dtype=torch.float32)
+
+
+def _unit_norm_vector(mats: list[Tensor], vecs: list[Tensor], device: torch.device) -> Tensor:
+    """The unit norms of ``mats`` (one per output unit, in order) followed by the whole-tensor norms of ``vecs``
+    (scalars and vectors), as one float32 vector on ``device``."""
+    parts = [_row_norms(t) for t in mats]
+    if vecs:  # per tensor: torch._foreach_norm's CPU kernel is slower than separate norms for a few small tensors
+        parts.append(torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in vecs]))
+    parts = [t if t.device == device else t.to(device) for t in parts]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @torch.no_grad()
@@ -66,7 +79,8 @@ def _agc_(
     params: Sequence[Tensor], clipping: float, eps: float, skip_nonfinite: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """AGC on the parameters that have a gradient, without a host sync: the unit norms of every tensor are
-    concatenated and the clipping factors computed in one batch of vector ops, then each gradient is scaled once.
+    gathered into one vector (one norm op per tensor, none per unit), the clipping
+    factors are computed in one batch of vector ops and applied with one fused ``torch._foreach_mul_``.
     Returns ``(norm_before, norm_after, units_clipped)`` as 0-d tensors; the total norms come from the unit norms
     (``||g|| = ||(||g_unit||)_unit||``), so no further pass over the gradients is needed. ``skip_nonfinite``: clip
     nothing when the total norm is NaN/Inf (decided on the device)."""
@@ -75,19 +89,27 @@ def _agc_(
         zero = torch.zeros(())
         return zero, zero, zero
     device = params[0].grad.device
-    weight_norms = torch.cat([_unit_norms(p.detach()).to(device) for p in params])
-    grad_norms = torch.cat([_unit_norms(p.grad).to(device) for p in params])
+    mats = [p for p in params if p.ndim >= 2]
+    vecs = [p for p in params if p.ndim < 2]
+    weight_norms = _unit_norm_vector([p.detach() for p in mats], [p.detach() for p in vecs], device)
+    grad_norms = _unit_norm_vector([p.grad for p in mats], [p.grad for p in vecs], device)
     max_norm = weight_norms.clamp_min(eps).mul_(clipping)
     before = torch.linalg.vector_norm(grad_norms)
     trigger = grad_norms > max_norm
     if skip_nonfinite:
         trigger &= torch.isfinite(before)
     scale = torch.where(trigger, max_norm / grad_norms.clamp_min(1e-6), torch.ones_like(grad_norms))
-    sizes = [p.shape[0] if p.ndim >= 2 else 1 for p in params]
-    for p, s in zip(params, torch.split(scale, sizes)):
-        grad = p.grad
-        factor = s.view(-1, *([1] * (grad.ndim - 1))) if grad.ndim >= 2 else s.reshape(())
-        grad.mul_(factor.to(device=grad.device, dtype=grad.dtype))
+    sizes = [p.shape[0] for p in mats] + ([len(vecs)] if vecs else [])
+    pieces = scale.split(sizes)
+    factors = [piece.view(-1, *([1] * (p.ndim - 1))) for piece, p in zip(pieces, mats)]
+    if vecs:
+        factors.extend(pieces[-1].unbind())
+    grads = [p.grad for p in mats] + [p.grad for p in vecs]
+    if all(g.dtype == torch.float32 and g.device == device for g in grads):
+        torch._foreach_mul_(grads, factors)  # broadcasts each unit's factor over its gradient, one dispatch
+    else:
+        for grad, factor in zip(grads, factors):
+            grad.mul_(factor.to(device=grad.device, dtype=grad.dtype))
     after = torch.linalg.vector_norm(grad_norms * scale)
     return before, after, trigger.sum()
 

@@ -58,11 +58,41 @@ def gradient_finite_flags(grads: Sequence[Tensor]) -> Tensor:
     return torch.isfinite(torch.stack([n.to(device) for n in norms]))
 
 
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_ONES: dict[torch.device, Tensor] = {}
+
+
 def all_finite(grads: Sequence[Tensor]) -> Tensor:
-    """0-d bool tensor on the gradients' device: True when no gradient holds a NaN/Inf (True for no gradient)."""
+    """0-d bool tensor on the gradients' device: True when no gradient holds a NaN/Inf (True for no gradient).
+
+    Dense fp32/fp16/bf16 gradients are checked per device and dtype with the GradScaler's own fused kernel
+    (``torch._amp_foreach_non_finite_check_and_unscale_`` with a scale of exactly 1, which leaves every value as it
+    is): one dispatch for all tensors and no host sync. Other gradients (sparse, float64) use
+    :func:`gradient_finite_flags`."""
     if not grads:
         return torch.ones((), dtype=torch.bool)
-    return gradient_finite_flags(grads).all()
+    device = grads[0].device
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    others: list[Tensor] = []
+    for g in grads:
+        if g.is_sparse or g.dtype not in _FUSED_DTYPES:
+            others.append(g.coalesce().values() if g.is_sparse else g)
+        else:
+            groups.setdefault((g.device, g.dtype), []).append(g)
+    ok: Tensor | None = None
+    for (group_device, _), group in groups.items():
+        ones = _ONES.get(group_device)
+        if ones is None:
+            ones = _ONES[group_device] = torch.ones(1, device=group_device)
+        found = torch.zeros(1, device=group_device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found, ones)
+        flag = (found == 0).reshape(()).to(device)
+        ok = flag if ok is None else ok & flag
+    if others:
+        flag = gradient_finite_flags(others).all()
+        ok = flag if ok is None else ok & flag
+    assert ok is not None
+    return ok
 
 
 def drop_gradients_(parameters: Iterable[Tensor]) -> None:

@@ -19,7 +19,6 @@ from lightning_techniques._internal.distributed import agree_any
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_choice, check_positive
 
-
 MAX_RECORDED_STEPS = 1000
 """How many skipped global steps :class:`NonFiniteGuard` and ``SmartMixedPrecision`` keep (the most recent ones);
 their totals are counted separately, so the checkpointed state stays bounded however long the run."""

@@ -459,3 +459,28 @@ def test_mechanisms_undo_what_a_technique_forgets(fail: bool) -> None:
     assert "dataloader" not in compat.train_data_source(trainer).__dict__
     assert "reset" not in trainer.fit_loop.epoch_loop.__dict__
     torch.save(module, io.BytesIO())
+
+
+class _ValInputs(Callback):
+    def __init__(self) -> None:
+        self.inputs: list[torch.Tensor] = []
+
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        self.inputs.append(batch[0].detach().clone())
+
+
+def test_a_technique_installs_again_after_a_failed_run() -> None:
+    from lightning_techniques.demo import BreastCancerDataModule, TabularMLP
+
+    L.seed_everything(0)
+    norm, module, datamodule = ZScoreNormalization(), TabularMLP(), BreastCancerDataModule()
+    with pytest.raises(_Fail):
+        L.Trainer(max_steps=3, callbacks=[norm, _FailAt(1)], **_quiet()).fit(module, datamodule=datamodule)
+    assert norm.fitted and "on_after_batch_transfer" not in datamodule.__dict__  # undone by the mechanism
+    seen = _ValInputs()
+    L.Trainer(callbacks=[norm, seen], **_quiet(limit_val_batches=1)).validate(module, datamodule=datamodule,
+                                                                             verbose=False)
+    raw = next(iter(datamodule.val_dataloader()))[0]
+    torch.testing.assert_close(seen.inputs[0], norm.export_module()(raw))  # the transform is applied again
+    assert "on_after_batch_transfer" not in datamodule.__dict__

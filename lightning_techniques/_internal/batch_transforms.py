@@ -55,6 +55,11 @@ class BatchTransformHandle:
         self._registry = registry
         self.name = name
 
+    @property
+    def active(self) -> bool:
+        """False once removed (by the technique, or by the mechanism's clean-up after a failed run)."""
+        return self.name in self._registry.transforms and self._registry.patch.active
+
     def remove(self) -> None:
         self._registry.remove(self.name)
 

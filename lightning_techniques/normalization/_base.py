@@ -154,7 +154,7 @@ class _FittedNormalization(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             check_conflicts(trainer, self)
-        if self._handle is None:
+        if self._handle is None or not self._handle.active:  # (removed by the clean-up after a failed run)
             self._handle = add_batch_transform(trainer, pl_module, f"{type(self).__name__}", self._transform,
                                                stages=self.stages)
 

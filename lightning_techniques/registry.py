@@ -144,6 +144,24 @@ REGISTRY: tuple[Technique, ...] = (
        "`label_smoothing` of `nn.CrossEntropyLoss` (class weights included), smoothed targets for `FocalLoss`; "
        "validation loss left plain",
        "Szegedy, Vanhoucke, Ioffe, Shlens & Wojna 2016", _NB_QUICK, Recipe(kwargs={"epsilon": 0.1})),
+    _t("DropoutSchedule", "regularization",
+       "Schedules the rate of the model's dropout layers over training (linear warm-up or curriculum dropout's "
+       "exponential approach to each layer's own or a common target), by optimizer step; rates restored at teardown",
+       "Morerio, Cavazza, Volpi, Vidal & Murino 2017", _NB_QUICK,
+       Recipe(module_kwargs={"channels": 4, "dropout": 0.3}, kwargs={"steps": 6, "schedule": "curriculum"}),
+       exceptions={point: "dropout masks are drawn from the global random state, which a checkpoint lacks: exact "
+                          "only with RNGStateCheckpoint (tested so in tests/test_regularization_dropout.py and in "
+                          "the stack)" for point in ("resume_steps", "resume_epochs")}),
+    _t("MCDropout", "regularization",
+       "Monte-Carlo dropout at test / validation / predict: K stochastic passes with only the dropout layers "
+       "active; accuracy and NLL of the mean prediction, predictive entropy and mutual information logged "
+       "(DDP-summed), predict results kept",
+       "Gal & Ghahramani 2016", _NB_QUICK,
+       Recipe(module_kwargs={"channels": 4, "dropout": 0.3}, kwargs={"num_samples": 3, "stages": ["validate", "test"]},
+              trainer=EVAL_TRAINER),
+       exceptions={point: "its tiny run trains a dropout model, whose masks come from the global random state a "
+                          "checkpoint lacks: exact only with RNGStateCheckpoint (MCDropout's own passes use a forked, "
+                          "seeded state; covered in the stack)" for point in ("resume_steps", "resume_epochs")}),
     # end of issue #13 block
     # ------------------------------------------------------------------------------------------------ reproducibility
     _t("RNGStateCheckpoint", "reproducibility",

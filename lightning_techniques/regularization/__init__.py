@@ -1,5 +1,12 @@
 """Regularisation techniques."""
 
+from lightning_techniques.regularization.dropout import (
+    DropoutSchedule,
+    MCDropout,
+    dropout_layers,
+    mc_dropout_predict,
+    scheduled_dropout,
+)
 from lightning_techniques.regularization.early_stopping import EarlyStopping
 from lightning_techniques.regularization.label_smoothing import LabelSmoothing, smooth_targets
 from lightning_techniques.regularization.penalties import (
@@ -11,11 +18,16 @@ from lightning_techniques.regularization.penalties import (
 )
 
 __all__ = [
+    "DropoutSchedule",
     "EarlyStopping",
     "L1Penalty",
     "L2Penalty",
     "LabelSmoothing",
+    "MCDropout",
+    "dropout_layers",
+    "mc_dropout_predict",
     "penalty_parameters",
+    "scheduled_dropout",
     "smooth_targets",
     "warmup_coefficient",
     "weight_penalty",

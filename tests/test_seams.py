@@ -328,7 +328,11 @@ class _Tiny(L.LightningModule):
         self.seen["estimate_after"] = trainer.estimated_stepping_batches  # Lightning's own (sets the loader up)
         compat.discard_train_loader(trainer)
         self.seen["discarded"] = not compat.fit_loader_is_set_up(trainer)
+        self.seen["trainer_of"] = compat.trainer_of(self) is trainer
         return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def on_train_start(self) -> None:
+        self.seen["fetcher"] = compat.train_data_fetcher(self.trainer) is not None
 
 
 def test_compat_train_data_helpers() -> None:
@@ -341,6 +345,7 @@ def test_compat_train_data_helpers() -> None:
     assert seen["estimate"] == 7 and seen["estimate_after"] == 4  # ceil(4 / 2) * 2 epochs
     assert seen["discarded"] and trainer.global_step == 4  # the loop set its loader up again itself
     assert compat.fit_progress(trainer) == (2, 4)
+    assert seen["trainer_of"] and seen["fetcher"] and compat.trainer_of(nn.Linear(1, 1)) is None
     assert compat.count_train_batches(trainer) == 4  # after fit: the loop's own count
 
 

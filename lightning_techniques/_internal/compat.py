@@ -190,3 +190,13 @@ def discard_train_loader(trainer: Any) -> None:
         fetcher.teardown()
         loop._data_fetcher = None
     loop._combined_loader = None
+
+
+def trainer_of(module: Any) -> Any:
+    """The Trainer a LightningModule is attached to, or None (``module.trainer`` raises when there is none)."""
+    return getattr(module, "_trainer", None)
+
+
+def train_data_fetcher(trainer: Any) -> Any:
+    """The fit loop's train data fetcher (``fit_loop._data_fetcher``), or None before the loop set it up."""
+    return getattr(getattr(trainer, "fit_loop", None), "_data_fetcher", None)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.modules.loss import _Loss
 
+from lightning_techniques._internal.compat import trainer_of
 from lightning_techniques._internal.patching import undo_at_run_end
 
 _MISSING = object()
@@ -65,7 +66,7 @@ class CriterionHandle:
         self.name, self.criterion = find_criterion(module, attr)
         self._original_criterion = self.criterion
         self._undo: list[tuple[nn.Module, str, Any, bool]] = []  # (obj, option, old value, was persistent buffer)
-        undo_at_run_end(getattr(module, "_trainer", None), self.restore)  # also undone when the run fails
+        undo_at_run_end(trainer_of(module), self.restore)  # also undone when the run fails
 
     def options(self) -> list[str]:
         """The options :meth:`set` accepts for this criterion."""

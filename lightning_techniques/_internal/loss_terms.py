@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_techniques._internal.compat import trainer_of
 from lightning_techniques._internal.patching import MethodPatch, undo_at_run_end
 
 #: ``fn(module, batch, batch_idx, loss) -> Tensor``: the term's value for this micro-batch (already weighted).
@@ -119,7 +120,7 @@ def add_loss_term(module: nn.Module, name: str, fn: LossTermFn, *, log: bool = T
         registry = _Registry(module)
         module.__dict__[_ATTR] = registry
     handle = registry.add(name, fn, log)
-    undo_at_run_end(getattr(module, "_trainer", None), handle.remove)  # also undone when the run fails
+    undo_at_run_end(trainer_of(module), handle.remove)  # also undone when the run fails
     return handle
 
 

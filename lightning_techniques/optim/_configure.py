@@ -25,7 +25,7 @@ from typing import Any
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from lightning_techniques._internal.compat import parse_optimizer_config
+from lightning_techniques._internal.compat import parse_optimizer_config, trainer_of
 from lightning_techniques._internal.patching import MethodPatch, undo_at_run_end
 
 OptimizerProvider = Callable[[nn.Module], Any]
@@ -102,7 +102,7 @@ def register_optimizer_provider(module: nn.Module, owner: Any, provider: Optimiz
             "use only one optimizer callback."
         )
     composition.optimizer_provider = (owner, provider)
-    undo_at_run_end(getattr(module, "_trainer", None), lambda: unregister(module, owner))
+    undo_at_run_end(trainer_of(module), lambda: unregister(module, owner))
 
 
 def register_scheduler_provider(module: nn.Module, owner: Any, provider: SchedulerProvider) -> None:
@@ -110,7 +110,7 @@ def register_scheduler_provider(module: nn.Module, owner: Any, provider: Schedul
     composition = _ensure(module)
     composition.scheduler_providers = [(o, p) for o, p in composition.scheduler_providers if o is not owner]
     composition.scheduler_providers.append((owner, provider))
-    undo_at_run_end(getattr(module, "_trainer", None), lambda: unregister(module, owner))
+    undo_at_run_end(trainer_of(module), lambda: unregister(module, owner))
 
 
 def unregister(module: nn.Module, owner: Any) -> None:
@@ -139,7 +139,7 @@ def log_learning_rates(pl_module: Any, optimizers: list, prefix: str = "lr") -> 
             name = group.get("name") or f"pg{j}"
             key = f"{prefix}-{name}" if len(optimizers) == 1 else f"{prefix}-{i}-{name}"
             values[key] = float(group["lr"])
-    trainer = getattr(pl_module, "_trainer", None)
+    trainer = trainer_of(pl_module)
     has_logger = bool(getattr(trainer, "loggers", None))  # still in callback_metrics without one, minus the warning
     for key, value in values.items():
         pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=False, logger=has_logger)

@@ -477,7 +477,7 @@ class OptimizerCallback(Callback):
 
     def _build(self, module: nn.Module) -> Optimizer:
         reducer = None
-        trainer = getattr(module, "_trainer", None)
+        trainer = compat.trainer_of(module)
         if self.name == "lbfgs" and trainer is not None and is_distributed(trainer.strategy):
             strategy = trainer.strategy
 

@@ -53,3 +53,31 @@ def test_attention_logger_labels_axes_with_the_samples_tokens() -> None:
     assert logger._tokens((torch.rand(2, 4, 8), torch.tensor([0, 1])), 2) is None  # no ids: positions
     with pytest.raises(TypeError, match="token_names"):
         AttentionMapLogger(token_names="abc")
+
+
+def _png_size(path) -> tuple[int, int]:
+    import struct
+
+    with open(path, "rb") as fh:
+        header = fh.read(24)
+    return struct.unpack(">II", header[16:24])
+
+
+@pytest.mark.parametrize("figure", [True, False])
+def test_logger_writes_the_labelled_figure_or_the_cheap_image(tmp_path, figure: bool) -> None:
+    import lightning as L
+
+    from lightning_techniques.demo import DigitsCNN, DigitsDataModule
+    from lightning_techniques.interpret import GradCAMLogger
+
+    logger = GradCAMLogger(every_n_val_epochs=1, max_samples=10, figure=figure, log_on_test=False)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, default_root_dir=str(tmp_path), callbacks=[logger])
+    trainer.fit(DigitsCNN(channels=4), datamodule=DigitsDataModule())
+    (png,) = (tmp_path / "artifacts" / "gradcam" / "val").glob("overlay_step*.png")
+    width, height = _png_size(png)
+    if figure:  # titles, row names and a colorbar around the grid
+        assert width > 1000 and height > 250
+    else:  # the bare grid: 10 tiles of 8x8 pixels enlarged 8x, two rows
+        assert (width, height) == (10 * (64 + 2) + 2, 2 * 64 + 3 * 2)

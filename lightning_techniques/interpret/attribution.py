@@ -290,13 +290,15 @@ def plot_attributions(
     cols = max(1, min(columns, n))
     blocks = -(-n // cols)
     h, w = inputs.shape[-2:]
-    scale, pad = max(1, -(-64 // max(h, w))), 2
-    fig = figure_mod.Figure(figsize=(1.45 * cols + 1.6, 3.3 * blocks + 0.4))
+    # small tiles (matplotlib enlarges them): rendering a pre-enlarged grid costs several times more
+    min_size = 16
+    scale, pad = max(1, -(-min_size // max(h, w))), 2
+    fig = figure_mod.Figure(figsize=(1.25 * cols + 1.6, 2.9 * blocks + 0.4))
     fig.subplots_adjust(left=0.07, right=0.86, top=1 - 0.75 / (3.3 * blocks + 0.4), bottom=0.03,
                         hspace=0.45)
     for b in range(blocks):
         rows = range(b * cols, min(n, (b + 1) * cols))
-        grid = overlay_grid(inputs[rows.start : rows.stop], attributions[rows.start : rows.stop])
+        grid = overlay_grid(inputs[rows.start : rows.stop], attributions[rows.start : rows.stop], min_size=min_size)
         ax = fig.add_subplot(blocks, 1, b + 1)
         ax.imshow(grid, interpolation="nearest")
         centres = [pad + i * (w * scale + pad) + w * scale / 2 for i in range(len(rows))]
@@ -437,6 +439,8 @@ class AttributionLogger(Callback):
 
     Each subclass's default ``every_n_val_epochs`` keeps the logging cost under 10% of the demo's training time
     (measured by ``benchmarks/attribution_cost.py``): saliency 2, IG 5, DeepLIFT 2, Grad-CAM 2, SHAP 40, LIME 50.
+    Those figures are for the bare overlay image (``figure=False``); the labelled figure (default) adds ~0.2-0.5 s
+    of CPU per event, which matters for the cheap methods (saliency, Grad-CAM) on a tiny model.
 
     Args:
         every_n_val_epochs: log every N-th validation run (default: the subclass's, see above).
@@ -449,6 +453,8 @@ class AttributionLogger(Callback):
         name: artefact name prefix (default: the method's name).
         input_key / target_key: where input and target are in a dict/tuple batch.
         class_names: names of the classes for figure titles (default: class indices).
+        figure: draw ``overlay`` as the labelled figure (:func:`plot_attributions`, ~0.2-0.5 s of CPU an event)
+            or, with False, as a bare tiled PNG (:func:`overlay_grid`, ~0.01 s; no labels, no colorbar).
         every_n_epochs: deprecated old name of ``every_n_val_epochs`` (a ``FutureWarning``; not both).
 
     Limits: the module's ``forward`` must take the input tensor and return ``[B, num_classes]`` logits; the
@@ -474,6 +480,7 @@ class AttributionLogger(Callback):
         input_key: str | int | None = None,
         target_key: str | int | None = None,
         class_names: list[str] | None = None,
+        figure: bool = True,
         every_n_epochs: int | None = None,
     ) -> None:
         every_n_val_epochs = resolve_every_n_val_epochs(type(self).__name__, every_n_val_epochs, every_n_epochs,
@@ -500,6 +507,7 @@ class AttributionLogger(Callback):
         self.input_key = input_key
         self.target_key = target_key
         self.class_names = list(class_names) if class_names is not None else None
+        self.figure = figure
         self.indices: dict[str, list[int] | None] = {"val": None, "test": None}
         self.validation_runs = 0
         self.history: list[dict[str, Any]] = []
@@ -658,6 +666,9 @@ class AttributionLogger(Callback):
             artefacts.log_table(f"{prefix}/{suffix}", table, step=step)
         # drawn over the raw inputs (as a reader knows them) where the hooks kept their shape
         shown = raw_inputs if raw_inputs is not None and raw_inputs.shape == inputs.shape else inputs
+        if not self.figure:
+            artefacts.log_image(f"{prefix}/overlay", overlay_grid(shown, attributions), step=step)
+            return
         what = "prediction" if self.explain == "prediction" else "true class"
         title = f"{self.name} ({stage}, step {step}): attribution of the {what}"
         artefacts.log_figure(f"{prefix}/overlay", plot_attributions(
@@ -687,7 +698,7 @@ class SaliencyLogger(AttributionLogger):
 
     Args:
         every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-            input_key, target_key, class_names, every_n_epochs (deprecated):
+            input_key, target_key, class_names, figure, every_n_epochs (deprecated):
             as for :class:`AttributionLogger` (when, which samples, which class).
 
     Example::
@@ -705,9 +716,10 @@ class SaliencyLogger(AttributionLogger):
                  max_samples: int = 10, explain: str = "prediction", log_on_test: bool = True, seed: int = 0,
                  name: str | None = None, input_key: str | int | None = None,
                  target_key: str | int | None = None,
-                 class_names: list[str] | None = None, every_n_epochs: int | None = None) -> None:
+                 class_names: list[str] | None = None, figure: bool = True,
+                 every_n_epochs: int | None = None) -> None:
         super().__init__(every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed,
-                         name, input_key, target_key, class_names, every_n_epochs)
+                         name, input_key, target_key, class_names, figure, every_n_epochs)
         _captum_attr(type(self).__name__)
 
     def attribute(self, model: nn.Module, inputs: Tensor, target: Tensor, trainer: Any) -> tuple[Tensor, dict[str, Any]]:
@@ -730,7 +742,7 @@ class IntegratedGradientsLogger(AttributionLogger):
         baseline: constant baseline input (0 = black image / all-zero features).
         completeness_tolerance: relative gap above which a warning is issued.
         every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-            input_key, target_key, class_names, every_n_epochs (deprecated):
+            input_key, target_key, class_names, figure, every_n_epochs (deprecated):
             as for :class:`AttributionLogger` (when, which samples, which class).
 
     Example::
@@ -748,9 +760,10 @@ class IntegratedGradientsLogger(AttributionLogger):
                  max_samples: int = 10, explain: str = "prediction", log_on_test: bool = True, seed: int = 0,
                  name: str | None = None, input_key: str | int | None = None,
                  target_key: str | int | None = None,
-                 class_names: list[str] | None = None, every_n_epochs: int | None = None) -> None:
+                 class_names: list[str] | None = None, figure: bool = True,
+                 every_n_epochs: int | None = None) -> None:
         super().__init__(every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed,
-                         name, input_key, target_key, class_names, every_n_epochs)
+                         name, input_key, target_key, class_names, figure, every_n_epochs)
         check_positive("n_steps", n_steps, integer=True)
         check_number("baseline", baseline)
         check_positive("completeness_tolerance", completeness_tolerance)
@@ -810,7 +823,7 @@ class DeepLiftLogger(AttributionLogger):
             non-linearities DeepLIFT cannot see: functional calls such as ``F.relu``, or a module used twice; the
             warning says so - more steps do not apply to DeepLIFT).
         every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-            input_key, target_key, class_names, every_n_epochs (deprecated):
+            input_key, target_key, class_names, figure, every_n_epochs (deprecated):
             as for :class:`AttributionLogger` (when, which samples, which class).
 
     Example::
@@ -828,9 +841,10 @@ class DeepLiftLogger(AttributionLogger):
                  selection: str = "per_class", samples_per_class: int = 1, max_samples: int = 10,
                  explain: str = "prediction", log_on_test: bool = True, seed: int = 0, name: str | None = None,
                  input_key: str | int | None = None, target_key: str | int | None = None,
-                 class_names: list[str] | None = None, every_n_epochs: int | None = None) -> None:
+                 class_names: list[str] | None = None, figure: bool = True,
+                 every_n_epochs: int | None = None) -> None:
         super().__init__(every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed,
-                         name, input_key, target_key, class_names, every_n_epochs)
+                         name, input_key, target_key, class_names, figure, every_n_epochs)
         check_number("baseline", baseline)
         check_positive("completeness_tolerance", completeness_tolerance)
         _captum_attr(type(self).__name__)

@@ -243,7 +243,7 @@ class SHAPLogger(AttributionLogger):
         background_size: number of training samples in the background set.
         nsamples: GradientExplainer samples per explained input.
         every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-            input_key, target_key, class_names, every_n_epochs (deprecated):
+            input_key, target_key, class_names, figure, every_n_epochs (deprecated):
             as for :class:`~lightning_techniques.interpret.attribution.AttributionLogger`.
 
     Example::
@@ -262,9 +262,10 @@ class SHAPLogger(AttributionLogger):
                  max_samples: int = 10, explain: str = "prediction", log_on_test: bool = True, seed: int = 0,
                  name: str | None = None, input_key: str | int | None = None,
                  target_key: str | int | None = None,
-                 class_names: list[str] | None = None, every_n_epochs: int | None = None) -> None:
+                 class_names: list[str] | None = None, figure: bool = True,
+                 every_n_epochs: int | None = None) -> None:
         super().__init__(every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed,
-                         name, input_key, target_key, class_names, every_n_epochs)
+                         name, input_key, target_key, class_names, figure, every_n_epochs)
         check_choice("explainer", explainer, EXPLAINERS)
         check_positive("background_size", background_size, integer=True)
         check_positive("nsamples", nsamples, integer=True)
@@ -325,7 +326,7 @@ class LIMELogger(AttributionLogger):
         baseline: value of a switched-off superpixel.
         alpha: Lasso penalty of the interpretable model (0: plain weighted least squares).
         every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-            input_key, target_key, class_names, every_n_epochs (deprecated):
+            input_key, target_key, class_names, figure, every_n_epochs (deprecated):
             as for :class:`~lightning_techniques.interpret.attribution.AttributionLogger`.
 
     Example::
@@ -344,9 +345,10 @@ class LIMELogger(AttributionLogger):
                  max_samples: int = 10, explain: str = "prediction", log_on_test: bool = True, seed: int = 0,
                  name: str | None = None, input_key: str | int | None = None,
                  target_key: str | int | None = None,
-                 class_names: list[str] | None = None, every_n_epochs: int | None = None) -> None:
+                 class_names: list[str] | None = None, figure: bool = True,
+                 every_n_epochs: int | None = None) -> None:
         super().__init__(every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed,
-                         name, input_key, target_key, class_names, every_n_epochs)
+                         name, input_key, target_key, class_names, figure, every_n_epochs)
         check_positive("superpixel_size", superpixel_size, integer=True)
         check_positive("n_samples", n_samples, integer=True)
         check_number("baseline", baseline)

@@ -444,3 +444,27 @@ def test_permutation_importance_bars_carry_the_repeats_spread(tmp_path: Path, mo
     order = sorted(range(30), key=lambda i: float(imp.results["test"]["features"][i]), reverse=True)
     assert half_widths == sorted(round(float(std[i]), 6) for i in order[:30])
     assert "3 permutations" in ax.get_xlabel()
+
+
+def test_permutation_importance_image_map_shows_the_spread(tmp_path: Path, monkeypatch) -> None:
+    from lightning_techniques._internal import artifacts as artifacts_mod
+
+    figures: dict[str, object] = {}
+    original = artifacts_mod.ArtifactLogger.log_figure
+
+    def keep(self, name, figure, step=None, close=True, latest=False):
+        figures[name] = figure
+        return original(self, name, figure, step, close=False, latest=latest)
+
+    monkeypatch.setattr(artifacts_mod.ArtifactLogger, "log_figure", keep)
+    imp = PermutationImportance(n_repeats=2, max_samples=32)
+    dm = DigitsDataModule()
+    trainer = _trainer(tmp_path, [imp], max_steps=2)
+    trainer.fit(DigitsCNN(channels=4), datamodule=dm)
+    trainer.test(trainer.lightning_module, datamodule=dm, verbose=False)
+    fig = figures["importance/test_features"]
+    panels = [ax for ax in fig.axes if getattr(ax, "_colorbar", None) is None]
+    assert [ax.get_title() for ax in panels] == ["permutation importance (test)", "std over 2 permutations"]
+    shown = panels[1].images[0].get_array()
+    assert np.allclose(shown, imp.results["test"]["features_std"][0].numpy())
+    assert sum(getattr(ax, "_colorbar", None) is not None for ax in fig.axes) == 2

@@ -341,13 +341,18 @@ class PermutationImportance(EvaluationCallback):
             if imp.ndim in (2, 3) and self.feature_names is None:
                 figure_mod = require("matplotlib.figure", "interpret", "PermutationImportance figures")
                 image = imp if imp.ndim == 2 else imp.abs().sum(dim=0)
-                fig = figure_mod.Figure(figsize=(3.6, 3.2))
-                ax = fig.add_subplot(1, 1, 1)
-                im = ax.imshow(image.numpy(), cmap="viridis")
-                fig.colorbar(im, ax=ax, label="score drop")
-                ax.set_title(f"permutation importance ({name})")
-                ax.set_xticks([])
-                ax.set_yticks([])
+                spread = std if std.ndim == 2 else std.abs().sum(dim=0)
+                panels = [(image, f"permutation importance ({name})", f"{self.score} drop")]
+                if self.n_repeats > 1:  # the image analogue of error bars: the spread over the repeats
+                    panels.append((spread, f"std over {self.n_repeats} permutations", f"std of the {self.score} drop"))
+                fig = figure_mod.Figure(figsize=(3.8 * len(panels), 3.2), layout="constrained")
+                for k, (values, title, label) in enumerate(panels):
+                    ax = fig.add_subplot(1, len(panels), k + 1)
+                    im = ax.imshow(values.numpy(), cmap="viridis")
+                    fig.colorbar(im, ax=ax, label=label)
+                    ax.set_title(title, fontsize=9)
+                    ax.set_xticks([])
+                    ax.set_yticks([])
                 artifacts.log_figure(f"importance/{name}_features", fig)
             else:
                 repeats = f"mean ± std over {self.n_repeats} permutations" if self.n_repeats > 1 else "one permutation"

@@ -458,7 +458,8 @@ class AttributionLogger(Callback):
         every_n_epochs: deprecated old name of ``every_n_val_epochs`` (a ``FutureWarning``; not both).
 
     Limits: the module's ``forward`` must take the input tensor and return ``[B, num_classes]`` logits; the
-    evaluation dataset must be map-style (indexable); FSDP/DeepSpeed are refused (sharded weights).
+    evaluation dataset must be map-style (indexable); FSDP/DeepSpeed are refused (sharded weights); under DDP the
+    fixed samples go through the batch hooks on rank 0 alone, so a hook that communicates across ranks would wait.
     """
 
     takes_over: frozenset[str] = frozenset({"eval_hooks"})  # see lightning_techniques/_internal/conflicts.py

@@ -162,6 +162,11 @@ REGISTRY: tuple[Technique, ...] = (
        exceptions={point: "its tiny run trains a dropout model, whose masks come from the global random state a "
                           "checkpoint lacks: exact only with RNGStateCheckpoint (MCDropout's own passes use a forked, "
                           "seeded state; covered in the stack)" for point in ("resume_steps", "resume_epochs")}),
+    _t("WeightNoise", "regularization",
+       "Gaussian (additive or multiplicative) noise on the weights for each training forward/backward; the clean "
+       "weights are put back before the optimizer step, so checkpoints and validation never hold noise; seeded by "
+       "step, batch and rank",
+       "Graves 2011; Murray & Edwards 1994", _NB_QUICK, Recipe(kwargs={"std": 0.01, "seed": 1})),
     # end of issue #13 block
     # ------------------------------------------------------------------------------------------------ reproducibility
     _t("RNGStateCheckpoint", "reproducibility",

@@ -9,6 +9,7 @@ from lightning_techniques.regularization.dropout import (
 )
 from lightning_techniques.regularization.early_stopping import EarlyStopping
 from lightning_techniques.regularization.label_smoothing import LabelSmoothing, smooth_targets
+from lightning_techniques.regularization.noise import WeightNoise, perturb_weights_, restore_weights_
 from lightning_techniques.regularization.penalties import (
     L1Penalty,
     L2Penalty,
@@ -24,9 +25,12 @@ __all__ = [
     "L2Penalty",
     "LabelSmoothing",
     "MCDropout",
+    "WeightNoise",
     "dropout_layers",
     "mc_dropout_predict",
     "penalty_parameters",
+    "perturb_weights_",
+    "restore_weights_",
     "scheduled_dropout",
     "smooth_targets",
     "warmup_coefficient",

@@ -167,7 +167,7 @@ class _WeightPenalty(Callback):
         selected = penalty_parameters(pl_module, self.include, self.exclude, self.layer_types)
         self.parameter_names = [name for name, _ in selected]
         self._params = [p for _, p in selected]
-        if self._handle is None:
+        if self._handle is None or not self._handle.active:
             self._handle = add_loss_term(pl_module, self.term_name, self._term, log=False)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:

@@ -78,21 +78,24 @@ def _commands(text: str) -> list[str]:
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for command in block.replace("\\\n", " ").splitlines():
-            command = command.split("#")[0].strip()
+            command = " ".join(command.split("#")[0].split())
             if command.startswith("lightning-techniques "):
                 commands.append(command)
     return commands
 
 
 def test_cli_doc_commands_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Each `lightning-techniques` command of docs/cli.md, as written (configs resolved from the repository, the file
-    the page shows written out), for one batch (fast_dev_run); the help command prints that callback's arguments."""
+    """Each `lightning-techniques` command of docs/cli.md and of the README, as written (configs resolved from the
+    repository, the file the page shows written out), for one batch (fast_dev_run); the help command prints that
+    callback's arguments."""
     added = re.search(r"```yaml\n# add_autoclip.yaml\n(.*?)```", CLI_DOC, flags=re.S)
     assert added, "docs/cli.md shows add_autoclip.yaml"
     (tmp_path / "add_autoclip.yaml").write_text(added.group(1))
     commands = _commands(CLI_DOC)
     assert len(commands) >= 5
-    for command in commands:
+    readme_commands = _commands((ROOT / "README.md").read_text())
+    assert len(readme_commands) >= 3
+    for command in dict.fromkeys(commands + readme_commands):
         args = shlex.split(command)[1:]
         args = [str(ROOT / a) if a.startswith("configs/") else a for a in args]
         if "my_package.MyModule" in args:

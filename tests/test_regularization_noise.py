@@ -85,6 +85,26 @@ def test_gradient_at_the_noisy_weights_updates_the_clean_ones() -> None:
     assert torch.all(module.net.bias == 0.5), "biases are not perturbed by default (and get no gradient)"
 
 
+@pytest.mark.parametrize("noise_first", [True, False])
+def test_weights_set_in_another_on_train_batch_start_are_kept(noise_first: bool) -> None:
+    """An initialisation on the first batch (LSUVInit does that) is what gets perturbed and restored, in any order
+    of the callbacks (the noise is applied when training_step is called, after every on_train_batch_start)."""
+
+    class _InitOnFirstBatch(L.Callback):
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            if trainer.global_step == 0:
+                with torch.no_grad():
+                    pl_module.net.weight.fill_(0.3)
+
+    module = _Quadratic()
+    noise, init = WeightNoise(std=0.05, seed=3), _InitOnFirstBatch()
+    _fit(module, [noise, init] if noise_first else [init, noise])
+    seen = module.seen_train[0]
+    assert 0.03 < float((seen - 0.3).std()) < 0.07
+    assert torch.allclose(module.net.weight.detach(), torch.full_like(W0, 0.3) - LR * 2 * seen, atol=1e-6)
+    assert "training_step" not in vars(module)
+
+
 def test_accumulation_fresh_noise_per_micro_batch() -> None:
     module = _Quadratic()
     _fit(module, [WeightNoise(std=0.05, seed=3)], accumulate_grad_batches=2)

@@ -275,9 +275,9 @@ class MCDropout(Callback):
         self._sums = row if self._sums is None else self._sums + row
 
     def _publish(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self._sums is None:
-            return
-        sums = all_reduce_sum(trainer.strategy, self._sums)
+        # every rank takes part in the reduction, also one that evaluated no batch (no collective left hanging)
+        local = self._sums if self._sums is not None else torch.zeros(5, dtype=torch.float64, device=pl_module.device)
+        sums = all_reduce_sum(trainer.strategy, local)
         self._sums = None
         count = float(sums[4])
         if count == 0:

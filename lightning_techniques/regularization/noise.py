@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_techniques._internal.conflicts import check_conflicts
+from lightning_techniques._internal.patching import MethodPatch
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_number, check_positive
 from lightning_techniques.regularization.penalties import _compile, _resolve_types, penalty_parameters
@@ -59,8 +60,10 @@ class WeightNoise(Callback):
 
     Graves, "Practical Variational Inference for Neural Networks", NIPS 2011 (and earlier Murray & Edwards 1994, An
     1996, Jim, Giles & Horne 1996): the loss is evaluated at ``w + noise``, a regulariser that favours flat minima.
-    Before each training batch the chosen weights are perturbed in place (their clean values saved in buffers
-    allocated once); in ``on_before_optimizer_step`` - after the backward pass, before the step - the clean values are
+    When ``training_step`` is called (through a reversible patch of the module instance's ``training_step``, so after
+    every ``on_train_batch_start`` hook - an initialisation such as :class:`LSUVInit` on the first batch is kept) the
+    chosen weights are perturbed in place (their clean values saved in buffers allocated once); in
+    ``on_before_optimizer_step`` - after the backward pass, before the step - the clean values are
     put back, so the gradient taken at the noisy weights updates the clean ones, and checkpoints, validation and the
     weights after ``fit`` never hold noise. Micro-batches of gradient accumulation each get fresh noise (restored at
     their batch end). Noise comes from a generator seeded by ``(seed, step, batch, rank)``: reproducible, exact on
@@ -109,6 +112,9 @@ class WeightNoise(Callback):
         self._clean: list[torch.Tensor] | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
         self._perturbed = False
+        self._patch: MethodPatch | None = None
+        self._batch_seed: int | None = None
+        self._pl_module: Any = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
@@ -119,6 +125,15 @@ class WeightNoise(Callback):
             raise ValueError(f"WeightNoise does not support {type(trainer.strategy).__name__} (sharded weights).")
         self.parameter_names = [n for n, _ in penalty_parameters(pl_module, self.include, self.exclude,
                                                                  self.layer_types)]
+        if self._patch is None or not self._patch.active:
+            self._patch = MethodPatch(pl_module, "training_step", self._make_wrapper)
+
+    def _make_wrapper(self, call_next: Any) -> Any:
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            self._perturb()
+            return call_next(*args, **kwargs)
+
+        return training_step
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         by_name = dict(pl_module.named_parameters())  # looked up after the strategy moved the model
@@ -133,9 +148,14 @@ class WeightNoise(Callback):
         return gen.manual_seed(seed)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self._perturbed or not self._params:
+        self._batch_seed = (self.seed * 1_000_003 + trainer.global_step * 9_176 + batch_idx * 131
+                            + trainer.global_rank) % 2**62
+        self._pl_module = pl_module
+
+    def _perturb(self) -> None:
+        if self._perturbed or not self._params or self._batch_seed is None:
             return
-        seed = (self.seed * 1_000_003 + trainer.global_step * 9_176 + batch_idx * 131 + trainer.global_rank) % 2**62
+        seed, pl_module = self._batch_seed, self._pl_module
         devices = {p.device for p in self._params}
         if len(devices) == 1:
             perturb_weights_(self._params, self.std, self.mode, self._generator(next(iter(devices)), seed),
@@ -158,6 +178,7 @@ class WeightNoise(Callback):
         if self._perturbed and self._clean is not None:
             restore_weights_(self._params, self._clean)
         self._perturbed = False
+        self._batch_seed = None  # one perturbation per training batch
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self._restore()  # the gradient of the noisy weights updates the clean ones
@@ -175,7 +196,11 @@ class WeightNoise(Callback):
             self._release()
 
     def _release(self) -> None:
+        if self._patch is not None:
+            self._patch.restore()
+            self._patch = None
         self._params, self._clean, self._generators = [], None, {}
+        self._batch_seed, self._pl_module = None, None
 
     def state_dict(self) -> dict[str, Any]:
         return {"std": self.std, "mode": self.mode}

@@ -355,5 +355,26 @@ def readme_table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # pragma: no cover - prints the table for README.md
-    print(readme_table())
+def update_readme(path: str = "README.md") -> bool:
+    """Write :func:`readme_table` between the ``<!-- techniques-table -->`` markers of ``path``; True if it changed."""
+    from pathlib import Path
+
+    readme = Path(path)
+    text = readme.read_text()
+    start, end = "<!-- techniques-table -->", "<!-- /techniques-table -->"
+    if start not in text or end not in text:
+        raise ValueError(f"{path} has no {start} ... {end} markers.")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    new = f"{head}{start}\n{readme_table()}\n{end}{tail}"
+    readme.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m lightning_techniques.registry [--update-readme]`
+    import sys
+
+    if "--update-readme" in sys.argv[1:]:
+        print("README.md updated" if update_readme() else "README.md already up to date")
+    else:
+        print(readme_table())

@@ -99,7 +99,7 @@ def test_readme_table_is_generated_from_the_registry() -> None:
     readme = (ROOT / "README.md").read_text()
     table = readme.split("<!-- techniques-table -->")[1].split("<!-- /techniques-table -->")[0].strip()
     assert table == registry.readme_table(), (
-        "README.md's technique table is out of date: regenerate it with `python -m lightning_techniques.registry`"
+        "README.md's technique table is out of date: regenerate it with `python -m lightning_techniques.registry --update-readme`"
     )
 
 

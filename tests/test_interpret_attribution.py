@@ -21,13 +21,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_techniques import (
-    DeepLiftLogger,
-    GradCAMLogger,
-    IntegratedGradientsLogger,
-    LIMELogger,
-    SaliencyLogger,
-    SHAPLogger,
+from lightning_techniques._internal.eval_grad import describe_modes
+from lightning_techniques.demo import ClassifierModule, DigitsCNN, DigitsDataModule, LabeledTensorDataset, TabularMLP
+from lightning_techniques.functional import (
     completeness_report,
     deep_explainer_problems,
     deeplift,
@@ -40,8 +36,14 @@ from lightning_techniques import (
     shap_attributions,
     superpixel_mask,
 )
-from lightning_techniques._internal.eval_grad import describe_modes
-from lightning_techniques.demo import ClassifierModule, DigitsCNN, DigitsDataModule, LabeledTensorDataset, TabularMLP
+from lightning_techniques.interpret import (
+    DeepLiftLogger,
+    GradCAMLogger,
+    IntegratedGradientsLogger,
+    LIMELogger,
+    SaliencyLogger,
+    SHAPLogger,
+)
 from lightning_techniques.interpret.attribution import select_confident_wrong, select_per_class
 from lightning_techniques.testing import assert_exact_resume
 

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_techniques._internal import compat
 from lightning_techniques._internal.artifacts import ArtifactLogger
 from lightning_techniques._internal.batch import get_inputs
 from lightning_techniques._internal.distributed import broadcast_module_, broadcast_object
@@ -268,8 +269,7 @@ class LSUVInit(Callback):
         raise TypeError(f"layer_types entries must be nn.Module classes or their import paths, got {spec!r}.")
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        name = type(trainer.strategy).__name__.lower()
-        if "fsdp" in name or "deepspeed" in name:
+        if compat.is_fsdp(trainer.strategy) or compat.is_deepspeed(trainer.strategy):
             raise ValueError(f"LSUVInit does not support {type(trainer.strategy).__name__} (sharded weights).")
         if stage == "fit" and not self.done and trainer.limit_train_batches == 0:
             raise ValueError("LSUVInit needs a training batch to initialise on, but limit_train_batches=0.")

@@ -1,110 +1,270 @@
-"""Per-step overhead of the foundation callbacks vs. a bare Trainer on the demo CNN (digits), side by side.
+"""Per-step overhead of every step-wise technique vs. a bare Trainer, alone and all stacked, on the demo CNN and a
+tiny MLP (digits, batch 64), measured as main-thread CPU time per step beside wall time.
 
-    python -m benchmarks.overhead [--repeats 7]
+    python -m benchmarks.overhead [--repeats 5] [--epochs 3]
 
-Variants run round-robin in one process: bare, +EarlyStopping (restore best weights), +LSUVInit, +both. Reports the
-median step interval (batch end to batch end: data, transfer, forward, backward, optimizer step and every callback
-hook; the one-off LSUV first step excluded), the median fit wall
-time (3 epochs incl. validation), and ratios to the bare Trainer. Target: < 2% per step.
+Each variant is one ``fit`` of ``--epochs`` epochs (~20 training steps each, 2 validation batches per epoch); the
+step time is the interval from one ``on_train_batch_end`` to the next (data loading, batch transfer and transforms,
+forward, backward, optimizer step and every callback hook; the first batch of each epoch, and with it LSUV's one-off
+initialisation, has no interval). Per run the median interval is taken, in main-thread CPU time
+(``time.thread_time``: what the Python process itself spends, insensitive to other processes' load) and in wall time.
+Variants run round-robin (rotated every round) in one process; "ratio" is the median over rounds of (variant /
+bare Trainer of the same round), with the range over rounds. The A/A row is the bare Trainer run twice: its
+distance from 1 is the noise floor. The machine load (``os.getloadavg``) before and after is recorded.
+
+A second table times AutoClip's core (add the step's norm to the history window, read the percentile) and its whole
+``on_before_optimizer_step`` on the CNN's gradients after 100 ... 100,000 steps of history, with the default
+window (10,000), without a window, and the former implementation (``torch.quantile`` over the whole history).
+
+Targets (issue #14): all stacked <= 1.05x a bare Trainer's step CPU time on the CNN and <= 1.25x on the MLP; each
+technique alone <= 1.02x on the CNN; AutoClip's per-step cost flat from step 100 to 100,000.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import statistics
 import time
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 
-from benchmarks.runner import StepTimer, markdown_table, median, quiet_trainer, record, side_by_side
-from lightning_techniques import EarlyStopping, LSUVInit
-from lightning_techniques.demo import DigitsCNN, DigitsDataModule
+from benchmarks.runner import markdown_table, quiet_trainer, record, side_by_side
+from lightning_techniques import (
+    AccumulationScheduler,
+    AdaptiveGradientClipping,
+    AutoClip,
+    ClassWeightedLoss,
+    CurriculumLearning,
+    EarlyStopping,
+    InputNoise,
+    LRSchedule,
+    LSUVInit,
+    MixUp,
+    NonFiniteGuard,
+    OptimizerCallback,
+    Oversampling,
+    ZScoreNormalization,
+)
+from lightning_techniques.demo import DeepMLP, DigitsCNN, DigitsDataModule
 
-VARIANTS = {
-    "bare Trainer": lambda: [],
-    "bare Trainer again (A/A noise control)": lambda: [],
-    "+ EarlyStopping": lambda: [EarlyStopping(monitor="val_loss", patience=100)],
-    "+ LSUVInit": lambda: [LSUVInit()],
-    "+ both": lambda: [LSUVInit(), EarlyStopping(monitor="val_loss", patience=100)],
+# every technique with default arguments (only what it cannot do without: EarlyStopping's monitor, an
+# accumulation schedule, a curriculum's difficulty)
+TECHNIQUES: dict[str, Callable[[], Callback]] = {
+    "LSUVInit": lambda: LSUVInit(),
+    "EarlyStopping": lambda: EarlyStopping(monitor="val_loss", patience=100),
+    "OptimizerCallback": lambda: OptimizerCallback("adamw", lr=3e-3),
+    "LRSchedule": lambda: LRSchedule("cosine"),
+    "AccumulationScheduler": lambda: AccumulationScheduler({0: 1}),
+    "NonFiniteGuard": lambda: NonFiniteGuard(),
+    "AutoClip": lambda: AutoClip(),
+    "AdaptiveGradientClipping": lambda: AdaptiveGradientClipping(),
+    "ZScoreNormalization": lambda: ZScoreNormalization(),
+    "ClassWeightedLoss": lambda: ClassWeightedLoss(),
+    "Oversampling": lambda: Oversampling(),
+}
+STACKED = list(TECHNIQUES)  # the issue's stack: everything above at once
+ALONE_ONLY: dict[str, Callable[[], Callback]] = {  # per-step techniques that do not combine with the stack above
+    "InputNoise": lambda: InputNoise(scale=0.05),
+    "MixUp": lambda: MixUp(),
+    "CurriculumLearning": lambda: CurriculumLearning(difficulty_fn=lambda sample: float(sample[1])),
+}
+MODELS: dict[str, Callable[[], L.LightningModule]] = {
+    "DigitsCNN": lambda: DigitsCNN(),
+    "tiny MLP (DeepMLP depth 2, width 32)": lambda: DeepMLP(depth=2, width=32),
 }
 
 
-def run_once(make_callbacks, epochs: int) -> dict[str, float]:
+STEP_HOOKS = ("on_train_batch_start", "on_before_zero_grad", "on_before_backward", "on_after_backward",
+              "on_before_optimizer_step", "on_train_batch_end", "_transform")  # _transform: the batch transforms
+
+
+class CPUStepTimer(Callback):
+    """Batch-end to batch-end intervals in main-thread CPU time and in wall time (none across an epoch start), and
+    the CPU time spent inside the techniques' own per-step hooks and batch transforms in each interval."""
+
+    def __init__(self) -> None:
+        self.cpu: list[float] = []
+        self.wall: list[float] = []
+        self.hooks: list[float] = []
+        self._in_hooks = 0.0
+        self._last: tuple[float, float] | None = None
+
+    def instrument(self, callback: Callback) -> Callback:
+        """Time ``callback``'s per-step hooks (instance attributes shadow the methods; Lightning looks them up with
+        ``getattr``, and the batch-transform mechanism takes ``_transform`` from the instance at setup)."""
+        for name in STEP_HOOKS:
+            method = getattr(callback, name, None)
+            if method is None or getattr(type(callback), name, None) is getattr(Callback, name, None):
+                continue  # not overridden: Lightning's no-op
+
+            def timed(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+                start = time.thread_time()
+                try:
+                    return _method(*args, **kwargs)
+                finally:
+                    self._in_hooks += time.thread_time() - start
+
+            setattr(callback, name, timed)
+        return callback
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._last = None
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        now = (time.thread_time(), time.perf_counter())
+        if self._last is not None:
+            self.cpu.append(now[0] - self._last[0])
+            self.wall.append(now[1] - self._last[1])
+            self.hooks.append(self._in_hooks)
+        self._in_hooks = 0.0
+        self._last = now
+
+
+def variants() -> dict[str, list[Callable[[], Callback]]]:
+    out: dict[str, list[Callable[[], Callback]]] = {"bare Trainer": [], "bare Trainer again (A/A noise control)": []}
+    out.update({f"+ {name}": [make] for name, make in {**TECHNIQUES, **ALONE_ONLY}.items()})
+    out[f"all {len(STACKED)} stacked"] = [TECHNIQUES[name] for name in STACKED]
+    return out
+
+
+def run_once(make_model: Callable[[], L.LightningModule], makers: list[Callable[[], Callback]],
+             epochs: int) -> dict[str, float]:
     L.seed_everything(0, verbose=False)
-    timer = StepTimer()
-    trainer = quiet_trainer(max_epochs=epochs, callbacks=[timer] + make_callbacks())  # timer first: LSUV in step 1
-    start = time.perf_counter()
-    trainer.fit(DigitsCNN(), datamodule=DigitsDataModule())
-    wall = time.perf_counter() - start
-    return {"step": median(timer.intervals), "first_step": timer.times[0], "fit": wall}
+    timer = CPUStepTimer()
+    callbacks = [timer.instrument(m()) for m in makers]
+    trainer = quiet_trainer(max_epochs=epochs, limit_val_batches=2, callbacks=[timer] + callbacks)
+    trainer.fit(make_model(), datamodule=DigitsDataModule(batch_size=64))
+    return {"cpu": statistics.median(timer.cpu), "wall": statistics.median(timer.wall), "steps": len(timer.cpu),
+            "hooks": statistics.median(timer.hooks)}
 
 
-def hook_time_per_step(make_callbacks, epochs: int) -> dict[str, float]:
-    """Seconds per training step spent inside the techniques' own hooks, from Lightning's SimpleProfiler
-    (``[Callback]<state_key>.<hook>`` actions): a direct measurement, free of run-to-run noise."""
-    from lightning.pytorch.profilers import SimpleProfiler
+def step_table(model: str, results: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
+    base = results["bare Trainer"]
+    base_cpu = statistics.median(b["cpu"] for b in base)
+    rows = []
+    for name, runs in results.items():
+        ratios = [r["cpu"] / b["cpu"] for r, b in zip(runs, base)]
+        wall_ratios = [r["wall"] / b["wall"] for r, b in zip(runs, base)]
+        rows.append({
+            "model": model,
+            "variant": name,
+            "CPU ms/step": statistics.median(r["cpu"] for r in runs) * 1e3,
+            "CPU ratio": statistics.median(ratios),
+            "CPU ratio range": f"{min(ratios):.3f}-{max(ratios):.3f}",
+            "own hooks+transforms ms/step": statistics.median(r["hooks"] for r in runs) * 1e3,
+            "1 + hooks / bare step": 1 + statistics.median(r["hooks"] for r in runs) / base_cpu,
+            "wall ms/step": statistics.median(r["wall"] for r in runs) * 1e3,
+            "wall ratio": statistics.median(wall_ratios),
+        })
+    return rows
 
-    L.seed_everything(0, verbose=False)
-    callbacks = make_callbacks()
-    profiler = SimpleProfiler()
-    trainer = quiet_trainer(max_epochs=epochs, callbacks=callbacks, profiler=profiler)
-    trainer.fit(DigitsCNN(), datamodule=DigitsDataModule())
-    keys = tuple(f"[Callback]{cb.state_key}." for cb in callbacks)
-    total = first = 0.0
-    for action, durations in profiler.recorded_durations.items():
-        if action.startswith(keys):
-            total += sum(durations)
-            if action.endswith(".on_train_batch_start"):
-                first += durations[0]  # LSUV's one-off initialisation happens here, on the first batch
-    steps = max(1, trainer.global_step)
-    return {"per_step": (total - first) / steps, "one_off": first}
+
+# ------------------------------------------------------------------------------------ AutoClip micro-benchmark
+def _old_autoclip_core(history: list[float], norm: float, percentile: float) -> float:
+    """The former implementation: the whole history to a tensor and a quantile, every step."""
+    history.append(norm)
+    return float(torch.quantile(torch.tensor(history, dtype=torch.float64), percentile / 100.0))
+
+
+def autoclip_rows() -> list[dict[str, Any]]:
+    from lightning_techniques.optim.clipping import SlidingWindowPercentile
+
+    rng = torch.Generator().manual_seed(0)
+    rows = []
+    model = DigitsCNN()
+    grads = [torch.randn(p.shape, generator=rng) for p in model.parameters()]
+
+    def cpu_per_call(fn: Callable[[], Any], calls: int) -> float:
+        start = time.thread_time()
+        for _ in range(calls):
+            fn()
+        return (time.thread_time() - start) / calls
+
+    for seen in (100, 1_000, 10_000, 100_000):
+        norms = (torch.rand(seen + 4000, generator=rng, dtype=torch.float64) * 10).tolist()
+        row: dict[str, Any] = {"history (steps seen)": f"{seen:,}"}
+        for label, size in (("window 10,000 (default)", 10_000), ("no window", None)):
+            window = SlidingWindowPercentile(size, norms[:seen])
+            stream = iter(norms[seen:])
+            row[f"core, {label} (us)"] = cpu_per_call(
+                lambda w=window, it=stream: (w.append(next(it)), w.percentile(10)), 2000) * 1e6
+        old = norms[:seen]
+        stream = iter(norms[seen:])
+        row["core, former: quantile of all (us)"] = cpu_per_call(
+            lambda h=old, it=stream: _old_autoclip_core(h, next(it), 10), 200) * 1e6
+        auto = AutoClip()
+        auto.load_state_dict({"steps": seen, "clipped_steps": 0, "history": norms[:seen]})
+        row["checkpointed history (values)"] = len(auto.state_dict()["history"])
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        row["AutoClip step on DigitsCNN grads, default (us)"] = cpu_per_call(
+            lambda a=auto: a.on_before_optimizer_step(None, model, None), 500) * 1e6
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(1)
-    variants = {name: (lambda make=make: run_once(make, args.epochs)) for name, make in VARIANTS.items()}
-    run_once(VARIANTS["bare Trainer"], 1)  # warm-up (imports, allocator)
-    results = side_by_side(variants, repeats=args.repeats)
-    base_step = median([r["step"] for r in results["bare Trainer"]])
-    base_fit = median([r["fit"] for r in results["bare Trainer"]])
-    rows = []
-    for name, runs in results.items():
-        step = median([r["step"] for r in runs])
-        fit = median([r["fit"] for r in runs])
-        hooks = hook_time_per_step(VARIANTS[name], args.epochs)
-        rows.append({
-            "variant": name,
-            "technique hooks per step (ms)": hooks["per_step"] * 1e3,
-            "hooks / bare step": hooks["per_step"] / base_step,
-            "one-off at first batch (ms)": hooks["one_off"] * 1e3,
-        })
-        rows[-1].update({
-            "variant": name,
-            "median step (ms)": step * 1e3,
-            "step ratio": step / base_step,
-            "first step (ms)": median([r["first_step"] for r in runs]) * 1e3,
-            f"fit {args.epochs} epochs (s)": fit,
-            "fit ratio": fit / base_fit,
-        })
+    load_before = os.getloadavg()
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    steps = {}
+    for model_name, make_model in MODELS.items():
+        run_once(make_model, [], 1)  # warm-up (imports, allocator)
+        calls = {name: (lambda makers=makers, make_model=make_model: run_once(make_model, makers, args.epochs))
+                 for name, makers in variants().items()}
+        results = side_by_side(calls, repeats=args.repeats)
+        steps[model_name] = int(statistics.median(r["steps"] for r in results["bare Trainer"]))
+        rows.extend(step_table(model_name, results))
+    micro = autoclip_rows()
+    load_after = os.getloadavg()
+    cpu_total, wall_total = time.process_time() - cpu_start, time.perf_counter() - wall_start
+    stacked = f"all {len(STACKED)} stacked"
+    verdict = []
+    for model_name, target in zip(MODELS, (1.05, 1.25)):
+        row = next(r for r in rows if r["model"] == model_name and r["variant"] == stacked)
+        aa = next(r for r in rows if r["model"] == model_name and r["variant"].startswith("bare Trainer again"))
+        verdict.append(f"{model_name}: stacked {row['CPU ratio']:.3f}x end to end (A/A {aa['CPU ratio']:.3f}x), "
+                       f"{row['1 + hooks / bare step']:.3f}x from the techniques' own hooks (target <= {target}x)")
+    cnn = list(MODELS)[0]
+    alone = [r for r in rows if r["model"] == cnn and r["variant"].startswith("+ ")]
+    over = [f"{r['variant'][2:]} {r['CPU ratio']:.3f}x" for r in alone if r["CPU ratio"] > 1.02]
+    verdict.append(f"{cnn}, each alone <= 1.02x end to end: " + ("all" if not over else "not shown for " + ", ".join(over)))
+    over = [f"{r['variant'][2:]} {r['1 + hooks / bare step']:.3f}x" for r in alone if r["1 + hooks / bare step"] > 1.02]
+    verdict.append("by own hooks: " + ("all <= 1.02x" if not over else "above 1.02x: " + ", ".join(over)))
     body = (
-        f"DigitsCNN on digits, batch 64, {args.epochs} epochs (60 steps + validation each epoch), "
-        f"{args.repeats} round-robin repeats, 1 torch thread; medians. The first step includes LSUV's one-off "
-        "initialisation; EarlyStopping acts only at validation end (its cost is in the fit time). The A/A row runs "
-        "the bare Trainer twice: its distance from 1 is the measurement noise of this machine. 'Technique hooks per "
-        "step' is the time Lightning's SimpleProfiler records inside the techniques' own hooks (all of them, "
-        "validation-end snapshots included, the first-batch LSUV initialisation counted separately), divided by the "
-        "number of steps: the overhead itself, without timing noise.\n\n"
+        f"Digits (batch 64), {args.epochs} epochs per fit ({', '.join(f'{m}: {s} step intervals' for m, s in steps.items())} "
+        f"per run), {args.repeats} rotated round-robin repeats per model, 1 torch thread, no logger "
+        "(`log_every_n_steps` default 50), every technique with default arguments. Stacked: "
+        f"{', '.join(STACKED)}. Machine load (1/5/15-min averages) before: "
+        f"{', '.join(f'{v:.2f}' for v in load_before)}; after: {', '.join(f'{v:.2f}' for v in load_after)} "
+        f"(shared 2-core machine). Benchmark process: {cpu_total:.0f} s CPU, {wall_total:.0f} s wall.\n\n"
+        "CPU = main-thread CPU time (`time.thread_time`) per step, the issue's measure; ratio = median over rounds of "
+        "variant / bare Trainer in the same round (range: min-max over rounds). 'Own hooks+transforms' is the CPU time "
+        "measured inside the techniques' own per-step hooks and batch transforms (median per step): a direct, "
+        "noise-free measure of what they add, but a lower bound: it leaves out work Lightning does for them outside "
+        "their hooks (dispatching the hooks, stepping a scheduler, a different optimizer or sampler, a weighted "
+        "loss).\n\n"
         + markdown_table(rows)
+        + "\n\nVerdict: " + "; ".join(verdict) + ".\n\n"
+        "AutoClip per-step cost against the length of the run so far (main-thread CPU time per call; the core is "
+        "adding one norm and reading the 10th percentile):\n\n"
+        + markdown_table(micro)
     )
-    record("overhead", "Per-step overhead of EarlyStopping and LSUVInit vs. a bare Trainer", body)
+    record("overhead", "Per-step overhead of the step-wise techniques vs. a bare Trainer (CPU time per step)", body)
 
 
 if __name__ == "__main__":

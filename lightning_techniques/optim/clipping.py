@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from lightning_techniques._internal import compat
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_number, check_positive
 
@@ -224,8 +225,7 @@ class _ClippingCallback(Callback):
         self._param_cache: tuple[int, list[Tensor]] | None = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        name = type(trainer.strategy).__name__.lower()
-        if "fsdp" in name or "deepspeed" in name:
+        if compat.is_fsdp(trainer.strategy) or compat.is_deepspeed(trainer.strategy):
             raise ValueError(
                 f"{type(self).__name__} does not support {type(trainer.strategy).__name__}: gradients are sharded, "
                 "so per-rank norms are not the model's norms."

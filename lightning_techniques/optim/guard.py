@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_techniques._internal import compat
 from lightning_techniques._internal.distributed import agree_any
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_choice, check_positive
@@ -165,7 +166,7 @@ class NonFiniteGuard(Callback):
         self._loss_finite: Tensor | None = None  # on the device: every micro-batch loss since the last step finite
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if "deepspeed" in type(trainer.strategy).__name__.lower():
+        if compat.is_deepspeed(trainer.strategy):
             raise ValueError(
                 f"NonFiniteGuard does not support {type(trainer.strategy).__name__}: the DeepSpeed engine owns the "
                 "optimizer step (use DeepSpeed's own overflow handling)."

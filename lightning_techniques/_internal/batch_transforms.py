@@ -8,6 +8,9 @@ registration order. A transform may return a batch of another structure (MixUp t
 ones), which an in-place change in ``on_train_batch_start`` could not.
 
 Stages are ``"train"``, ``"validate"`` (also the sanity check), ``"test"`` and ``"predict"``.
+
+Every transform is also removed by the run's ``MechanismCleanup`` when the run ends or fails (a technique needs no
+``on_exception``); ``handle.active`` tells a technique whether to register again in a later run.
 """
 
 from __future__ import annotations

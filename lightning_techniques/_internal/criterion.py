@@ -9,7 +9,8 @@ The common Lightning pattern is ``self.criterion = nn.CrossEntropyLoss()`` in ``
   to its device but never enter the module's ``state_dict``: a checkpoint stays loadable into the plain module, and
   the technique keeps what it set in its own callback state.
 * :meth:`CriterionHandle.replace` swaps in another criterion module for the run.
-* :meth:`CriterionHandle.restore` puts back exactly what was there (call it from ``teardown``).
+* :meth:`CriterionHandle.restore` puts back exactly what was there (call it from ``teardown``; after a failed run
+  the run's ``MechanismCleanup`` calls it).
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ Under DDP Lightning reroutes ``training_step`` through the DDP wrapper's ``forwa
 instance, so the instance attribute is what runs (``lightning/pytorch/strategies/strategy.py::_ForwardRedirection``).
 
 Manual optimisation is refused: there Lightning never sees the loss, so a term could not reach the gradients.
+
+The wrapper is one layer of the method's patch stack (:mod:`.patching`), so it comes off whatever else wraps
+``training_step``; and every term is also removed by the run's ``MechanismCleanup`` when the run ends or fails, so a
+technique only calls ``handle.remove()`` in ``teardown``.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
-"""Builds notebooks/08_evaluation_and_interpretation.ipynb (evaluation and interpretation): ``python notebooks/_build_08_evaluation_and_interpretation.py`` from the repository root.
+"""Builds notebooks/03_evaluation_and_interpretation.ipynb (evaluation and interpretation): ``python notebooks/_build_03_evaluation_and_interpretation.py`` from the repository root.
 
 The one builder format (see ``_nbtools.py``): ``NOTEBOOK`` and ``CELLS``; tests/test_notebooks.py checks that the
 committed notebook holds exactly these cells."""
 
 from __future__ import annotations
 
-NOTEBOOK = "08_evaluation_and_interpretation.ipynb"
+NOTEBOOK = "03_evaluation_and_interpretation.ipynb"
 
 CELLS: list[tuple[str, str]] = [
-    ("md", """# 08 - Evaluation report, permutation / ablation importance, t-SNE and attention maps
+    ("md", """# 03 - Evaluation report, permutation / ablation importance, t-SNE and attention maps
 
 Four callbacks that you attach to a stock `lightning.Trainer`, with the demo's unmodified modules:
 
@@ -34,7 +34,7 @@ from lightning_techniques.demo import BreastCancerDataModule, DigitsDataModule, 
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 torch.set_num_threads(1)  # tiny models: one thread is fastest
-root = Path(tempfile.mkdtemp(prefix="lt_nb08_"))
+root = Path(tempfile.mkdtemp(prefix="lt_nb03_"))
 
 def newest(pattern):
     return sorted(root.rglob(pattern))[-1]"""),

@@ -212,7 +212,8 @@ class MCDropout(Callback):
         stages: where to run: any of ``"validate"``, ``"test"``, ``"predict"``.
         seed: base seed of the dropout masks.
         input_key, target_key: where input and target are in a dict/tuple batch (default: elements 0 and 1).
-        forward_fn: ``forward_fn(module, inputs) -> logits`` when the forward is not ``module(inputs)``.
+        forward_fn: ``forward_fn(module, batch) -> logits`` (the whole batch) when the forward is not
+            ``module(inputs)``.
 
     Example::
 

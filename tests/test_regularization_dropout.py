@@ -177,3 +177,16 @@ def test_mc_dropout_refusals() -> None:
         MCDropout(stages=["train"])  # type: ignore[list-item]
     with pytest.raises(TypeError, match="forward_fn must be callable"):
         MCDropout(forward_fn=3)  # type: ignore[arg-type]
+
+
+def test_forward_fn_receives_the_whole_batch() -> None:
+    seen: list[Any] = []
+
+    def forward_fn(module: nn.Module, batch: Any) -> torch.Tensor:
+        seen.append(batch)
+        return module(batch[0])
+
+    callback = MCDropout(num_samples=2, forward_fn=forward_fn)
+    _trainer(callbacks=[callback], limit_predict_batches=1).predict(
+        DigitsCNN(channels=4, dropout=0.3), datamodule=DigitsDataModule(batch_size=16))
+    assert len(seen) == 2 and isinstance(seen[0], (list, tuple)) and len(callback.predictions) == 1

@@ -285,11 +285,14 @@ def test_sharded_strategy_is_refused_as_misconfiguration() -> None:
 
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    class FSDPStrategy:  # only the name matters for the check
-        pass
+    from lightning.pytorch.strategies import FSDPStrategy
 
-    trainer = SimpleNamespace(strategy=FSDPStrategy(), val_check_interval=1.0, check_val_every_n_epoch=1,
+    class UserFSDP(FSDPStrategy):  # a subclass counts (isinstance, not a name match); no process group needed
+        def __init__(self) -> None:
+            pass
+
+    trainer = SimpleNamespace(strategy=UserFSDP(), val_check_interval=1.0, check_val_every_n_epoch=1,
                               global_rank=0, default_root_dir=".")
-    with pytest.raises(MisconfigurationException, match="does not support FSDPStrategy"):
+    with pytest.raises(MisconfigurationException, match="does not support UserFSDP"):
         EarlyStopping().setup(trainer, None, "fit")
     EarlyStopping(restore_best_weights=False).setup(trainer, None, "fit")  # without weights it is fine

@@ -146,7 +146,7 @@ class ImageAugmentation(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._trainer = trainer
         self._seeder = StepSeeder(default_seed(self.seed), salt=0x1A6)
-        if self._handle is None:
+        if self._handle is None or not self._handle.active:  # (removed by the clean-up after a failed run)
             self._handle = add_batch_transform(trainer, pl_module, "ImageAugmentation", self._transform,
                                                stages=("train",))
 

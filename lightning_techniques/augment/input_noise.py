@@ -108,6 +108,9 @@ class InputNoise(Callback):
     when the scale is meant in normalised units.
     """
 
+    takes_over: frozenset[str] = frozenset({"batch_transform"})  # see lightning_techniques/_internal/conflicts.py
+    conflicts_with: tuple[str, ...] = ()
+
     def __init__(
         self,
         kind: str = "gaussian",
@@ -157,7 +160,7 @@ class InputNoise(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._trainer = trainer
         self._seeder = StepSeeder(default_seed(self.seed), salt=0x1A7)
-        if self._handle is None:
+        if self._handle is None or not self._handle.active:  # (removed by the clean-up after a failed run)
             self._handle = add_batch_transform(trainer, pl_module, "InputNoise", self._transform, stages=("train",))
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:

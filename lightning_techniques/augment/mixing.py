@@ -121,6 +121,8 @@ class SoftTargetNLLLoss(nn.Module):
 
 
 class _MixingCallback(Callback):
+    takes_over: frozenset[str] = frozenset({"batch_transform", "criterion"})  # see lightning_techniques/_internal/conflicts.py
+    conflicts_with: tuple[str, ...] = ()
     _name = "mixing"
     _salt = 0
 
@@ -154,7 +156,7 @@ class _MixingCallback(Callback):
             return
         self._classes = self.num_classes or self._infer_num_classes(trainer, pl_module)
         self._prepare_criterion(pl_module)
-        if self._handle is None:
+        if self._handle is None or not self._handle.active:  # (removed by the clean-up after a failed run)
             self._handle = add_batch_transform(trainer, pl_module, type(self).__name__, self._transform,
                                                stages=("train",))
 
@@ -183,7 +185,9 @@ class _MixingCallback(Callback):
             raise ValueError(f"{type(self).__name__} trains on soft (class-probability) targets and must check the "
                              f"module's criterion: {err}") from None
         crit = handle.criterion
-        if isinstance(crit, (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, SoftTargetNLLLoss)):
+        from lightning_techniques.data.imbalance import FocalLoss  # (data imports nothing from augment)
+
+        if isinstance(crit, (nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, SoftTargetNLLLoss, FocalLoss)):
             return  # these accept class-probability targets natively
         if isinstance(crit, nn.NLLLoss):
             handle.replace(SoftTargetNLLLoss(crit.weight, crit.reduction))
@@ -191,7 +195,7 @@ class _MixingCallback(Callback):
             return
         raise ValueError(
             f"{type(self).__name__}: module.{handle.name} is a {type(crit).__name__}, which cannot take soft targets. "
-            "Supported: CrossEntropyLoss (incl. label_smoothing), BCEWithLogitsLoss, NLLLoss (replaced by "
+            "Supported: CrossEntropyLoss (incl. label_smoothing), BCEWithLogitsLoss, FocalLoss, NLLLoss (replaced by "
             "SoftTargetNLLLoss for the run)."
         )
 

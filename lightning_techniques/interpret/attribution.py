@@ -27,7 +27,7 @@ import random
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_techniques._internal import compat
 from lightning_techniques._internal.artifacts import ArtifactLogger
 from lightning_techniques._internal.batch import get_inputs, get_targets
 from lightning_techniques._internal.eval_grad import gradients_enabled, usable_tensor
@@ -42,8 +43,10 @@ from lightning_techniques._internal.eval_stages import fetch_samples
 from lightning_techniques._internal.optional import require
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
 
+Selection = Literal["per_class", "confident_wrong"]
 SELECTIONS = ("per_class", "confident_wrong")
 _LOOP_STAGE = {"val": "validate", "test": "test"}
+Explain = Literal["prediction", "label"]
 EXPLAIN = ("prediction", "label")
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,16 +227,16 @@ def overlay_grid(inputs: Tensor, attributions: Tensor, alpha: float = 0.55, min_
     hi = inputs.flatten(1).amax(1)[:, None, None, None]
     img = (inputs - lo) / (hi - lo).clamp_min(1e-12)
     img = img.expand(-1, 3, -1, -1) if img.shape[1] != 3 else img
-    img = img.permute(0, 2, 3, 1).numpy()
+    img_np = img.permute(0, 2, 3, 1).numpy()
     colored = colormaps["jet"](heat.numpy())[..., :3]
-    blended = (1 - alpha) * img + alpha * colored
-    n, h, w, _ = img.shape
+    blended = (1 - alpha) * img_np + alpha * colored
+    n, h, w, _ = img_np.shape
     scale = max(1, -(-min_size // max(h, w)))
     pad = 2
     grid = np.ones((2 * h * scale + 3 * pad, n * (w * scale + pad) + pad, 3))
     for i in range(n):
         x0 = pad + i * (w * scale + pad)
-        for row, tile in enumerate((img[i], blended[i])):
+        for row, tile in enumerate((img_np[i], blended[i])):
             y0 = pad + row * (h * scale + pad)
             grid[y0 : y0 + h * scale, x0 : x0 + w * scale] = np.kron(tile, np.ones((scale, scale, 1)))
     return (grid.clip(0, 1) * 255).round().astype(np.uint8)
@@ -471,10 +474,10 @@ class AttributionLogger(Callback):
     def __init__(
         self,
         every_n_val_epochs: int | None = None,
-        selection: str = "per_class",
+        selection: Selection = "per_class",
         samples_per_class: int = 1,
         max_samples: int = 10,
-        explain: str = "prediction",
+        explain: Explain = "prediction",
         log_on_test: bool = True,
         seed: int = 0,
         name: str | None = None,
@@ -538,10 +541,10 @@ class AttributionLogger(Callback):
 
     # ---------------------------------------------------------------- lifecycle
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        strategy = type(trainer.strategy).__name__
-        if "fsdp" in strategy.lower() or "deepspeed" in strategy.lower():
+        if compat.shards_parameters(trainer.strategy):
             raise ValueError(
-                f"{type(self).__name__} does not support {strategy}: rank 0 needs the whole model to attribute alone."
+                f"{type(self).__name__} does not support {type(trainer.strategy).__name__}: rank 0 needs the whole "
+                "model to attribute alone."
             )
         self.check_model(trainer, pl_module)
 
@@ -713,8 +716,8 @@ class SaliencyLogger(AttributionLogger):
     method_name = "saliency"
     default_every_n_val_epochs = 2
 
-    def __init__(self, every_n_val_epochs: int | None = None, selection: str = "per_class", samples_per_class: int = 1,
-                 max_samples: int = 10, explain: str = "prediction", log_on_test: bool = True, seed: int = 0,
+    def __init__(self, every_n_val_epochs: int | None = None, selection: Selection = "per_class", samples_per_class: int = 1,
+                 max_samples: int = 10, explain: Explain = "prediction", log_on_test: bool = True, seed: int = 0,
                  name: str | None = None, input_key: str | int | None = None,
                  target_key: str | int | None = None,
                  class_names: list[str] | None = None, figure: bool = True,
@@ -757,8 +760,8 @@ class IntegratedGradientsLogger(AttributionLogger):
     default_every_n_val_epochs = 5
 
     def __init__(self, n_steps: int = 50, baseline: float = 0.0, completeness_tolerance: float = 0.05,
-                 every_n_val_epochs: int | None = None, selection: str = "per_class", samples_per_class: int = 1,
-                 max_samples: int = 10, explain: str = "prediction", log_on_test: bool = True, seed: int = 0,
+                 every_n_val_epochs: int | None = None, selection: Selection = "per_class", samples_per_class: int = 1,
+                 max_samples: int = 10, explain: Explain = "prediction", log_on_test: bool = True, seed: int = 0,
                  name: str | None = None, input_key: str | int | None = None,
                  target_key: str | int | None = None,
                  class_names: list[str] | None = None, figure: bool = True,
@@ -839,8 +842,8 @@ class DeepLiftLogger(AttributionLogger):
     default_every_n_val_epochs = 2
 
     def __init__(self, baseline: float = 0.0, completeness_tolerance: float = 0.05, every_n_val_epochs: int | None = None,
-                 selection: str = "per_class", samples_per_class: int = 1, max_samples: int = 10,
-                 explain: str = "prediction", log_on_test: bool = True, seed: int = 0, name: str | None = None,
+                 selection: Selection = "per_class", samples_per_class: int = 1, max_samples: int = 10,
+                 explain: Explain = "prediction", log_on_test: bool = True, seed: int = 0, name: str | None = None,
                  input_key: str | int | None = None, target_key: str | int | None = None,
                  class_names: list[str] | None = None, figure: bool = True,
                  every_n_epochs: int | None = None) -> None:

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
+from lightning_techniques._internal import compat
 from lightning_techniques._internal.artifacts import atomic_torch_save
 from lightning_techniques._internal.distributed import broadcast_object
 from lightning_techniques._internal.validation import check_choice
@@ -138,7 +139,7 @@ class EarlyStopping(_LightningEarlyStopping):
         min_delta: float = 0.0,
         patience: int = 3,
         verbose: bool = False,
-        mode: str = "min",
+        mode: Literal["min", "max"] = "min",
         strict: bool = True,
         check_finite: bool = True,
         stopping_threshold: float | None = None,
@@ -179,21 +180,20 @@ class EarlyStopping(_LightningEarlyStopping):
             check_on_train_epoch_end=check_on_train_epoch_end,
             log_rank_zero_only=log_rank_zero_only,
         )
-        self.restore_best_weights = restore_best_weights
-        self.best_weights_storage = best_weights_storage
-        self.best_weights_dir = best_weights_dir
+        self.restore_best_weights: bool = restore_best_weights
+        self.best_weights_storage: Literal["device", "cpu", "disk"] = best_weights_storage
+        self.best_weights_dir: str | None = best_weights_dir
         self.best_weights: dict[str, Any] | None = None  # device / cpu storage: buffers reused across improvements
         self.best_weights_path: str | None = None  # disk storage
         self.best_epoch: int = -1
         self.best_step: int = -1
         self.restored: bool = False
-        self._rank = 0
+        self._rank: int = 0
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        strategy_name = type(trainer.strategy).__name__.lower()
-        if self.restore_best_weights and ("fsdp" in strategy_name or "deepspeed" in strategy_name):
+        if self.restore_best_weights and compat.shards_parameters(trainer.strategy):
             raise InvalidArgumentError(
                 f"EarlyStopping(restore_best_weights=True) does not support {type(trainer.strategy).__name__}: "
                 "sharded weights cannot be snapshotted per rank. Use restore_best_weights=False with ModelCheckpoint."

@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_techniques._internal.batch import get_inputs, set_inputs
 from lightning_techniques._internal.batch_transforms import add_batch_transform
+from lightning_techniques._internal.schedule import interpolate, progress
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_choice, check_non_negative, check_positive
 from lightning_techniques.augment._seeding import StepSeeder, default_seed, generator
@@ -32,14 +33,9 @@ def scheduled_scale(step: int, total_steps: int, start: float, end: float, sched
     if schedule == "constant":
         return float(start)
     check_positive("total_steps", total_steps, integer=True)
-    t = min(max(step, 0) / total_steps, 1.0)
-    if schedule == "linear":
-        return float(start + (end - start) * t)
-    if schedule == "cosine":
-        return float(end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t)))
-    if start <= 0 or end <= 0:
+    if schedule == "exponential" and (start <= 0 or end <= 0):
         raise ValueError(f"the exponential schedule needs scale > 0 and final_scale > 0, got {start} and {end}.")
-    return float(start * (end / start) ** t)
+    return float(interpolate(start, end, progress(step, total_steps), schedule))
 
 
 def add_noise(

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lightning_techniques._internal.batch import get_inputs, get_targets
 from lightning_techniques._internal.distributed import broadcast_object
 from lightning_techniques._internal.sampling import SteeringCallback
+from lightning_techniques._internal.schedule import interpolate
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
 from lightning_techniques.data.labels import find_labels
@@ -64,16 +65,10 @@ def pacing_fraction(
         if not math.isfinite(value):
             raise ValueError(f"the pacing callable returned {value!r} at t={t}; it must return a finite fraction.")
         return min(max(value, 0.0), 1.0)
-    if kind == "linear":
-        value = s + (1.0 - s) * x
-    elif kind == "root":
-        value = math.sqrt(s * s + (1.0 - s * s) * x)
-    elif kind == "geometric":
-        value = s ** (1.0 - x)
-    elif kind == "step":
-        value = s + (1.0 - s) * math.floor(x * stages) / stages
-    else:
+    if kind not in PACINGS:
         raise ValueError(f"pacing={kind!r} is not allowed; choose one of {list(PACINGS)} or pass a callable.")
+    shape = "exponential" if kind == "geometric" else kind  # geometric growth s (1/s)^x
+    value = interpolate(s, 1.0, x, shape, stages=stages)
     return min(max(value, s), 1.0)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
@@ -22,6 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from lightning_techniques._internal import compat
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.distributed import broadcast_object
+from lightning_techniques._internal.schedule import interpolate, progress
 from lightning_techniques._internal.step_logging import check_log_flag, should_log_step
 from lightning_techniques._internal.validation import (
     check_choice,
@@ -31,17 +32,18 @@ from lightning_techniques._internal.validation import (
 )
 from lightning_techniques.optim._configure import log_learning_rates, register_scheduler_provider, unregister
 
+ScheduleName = Literal["constant", "cosine", "linear", "polynomial", "step", "exponential", "one_cycle", "cosine_restarts"]
 SCHEDULES = ("constant", "cosine", "linear", "polynomial", "step", "exponential", "one_cycle", "cosine_restarts")
 
 
 def _cos_anneal(start: float, end: float, pct: float) -> float:
-    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1.0)
+    return interpolate(start, end, pct, "cosine")
 
 
 def lr_at(
     step: int,
     total: int,
-    schedule: str = "cosine",
+    schedule: ScheduleName = "cosine",
     warmup_steps: int = 0,
     min_ratio: float = 0.0,
     power: float = 1.0,
@@ -87,17 +89,10 @@ def lr_at(
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
     t = step - warmup_steps
-    span = max(1, total - warmup_steps)
-    p = min(t / span, 1.0)
+    p = progress(t, max(1, total - warmup_steps))
     m = min_ratio
-    if schedule == "constant":
-        return 1.0
-    if schedule == "cosine":
-        return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * p))
-    if schedule == "linear":
-        return m + (1.0 - m) * (1.0 - p)
-    if schedule == "polynomial":
-        return m + (1.0 - m) * (1.0 - p) ** power
+    if schedule in ("constant", "cosine", "linear", "polynomial"):
+        return interpolate(1.0, m, p, schedule, power=power)
     if schedule == "step":
         if not step_size:
             raise ValueError("schedule='step' needs step_size.")
@@ -113,7 +108,7 @@ def lr_at(
             n = int(math.log(t / cycle_steps * (cycle_mult - 1) + 1, cycle_mult))
             t_cur = t - cycle_steps * (cycle_mult**n - 1) / (cycle_mult - 1)
             t_i = cycle_steps * cycle_mult**n
-        return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * t_cur / t_i))
+        return interpolate(1.0, m, t_cur / t_i, "cosine")
     raise ValueError(f"schedule={schedule!r} is not allowed; choose one of {list(SCHEDULES)}.")
 
 
@@ -131,7 +126,7 @@ def schedule_total_steps(
         if max_steps <= 0:
             raise ValueError("an endless run (max_epochs=-1, max_steps=-1) has no total number of steps.")
         return max_steps
-    factor = accumulation if callable(accumulation) else (lambda _epoch: int(accumulation))  # type: ignore[misc]
+    factor = accumulation if callable(accumulation) else (lambda _epoch: int(accumulation))
     total = sum(math.ceil(batches_per_epoch / factor(epoch)) for epoch in range(max(max_epochs, 1)))
     return min(total, max_steps) if max_steps > 0 else total
 
@@ -233,7 +228,7 @@ class LRSchedule(Callback):
 
     def __init__(
         self,
-        schedule: str = "cosine",
+        schedule: ScheduleName = "cosine",
         warmup_steps: int = 0,
         warmup_fraction: float = 0.0,
         total_steps: int | None = None,
@@ -357,7 +352,7 @@ class LRSchedule(Callback):
         )
 
     def _provide(self, module: nn.Module, optimizers: list) -> list[dict[str, Any]]:
-        trainer = module.trainer  # type: ignore[attr-defined]
+        trainer: Any = module.trainer  # a LightningModule's Trainer (nn.Module.__getattr__ is typed Tensor | Module)
         total = self._resolve_total(trainer)
         warmup = self.warmup_steps or int(round(self.warmup_fraction * total))
         if self.schedule not in ("one_cycle", "cosine_restarts") and warmup >= total:
@@ -427,15 +422,15 @@ class ReduceLROnPlateau(Callback):
     def __init__(
         self,
         monitor: str = "val_loss",
-        mode: str = "min",
+        mode: Literal["min", "max"] = "min",
         factor: float = 0.1,
         patience: int = 10,
         threshold: float = 1e-4,
-        threshold_mode: str = "rel",
+        threshold_mode: Literal["rel", "abs"] = "rel",
         cooldown: int = 0,
         min_lr: float = 0.0,
         eps: float = 1e-8,
-        interval: str = "epoch",
+        interval: Literal["epoch", "step"] = "epoch",
         frequency: int = 1,
         strict: bool = True,
         log_lr: bool = True,
@@ -485,7 +480,8 @@ class ReduceLROnPlateau(Callback):
         unregister(pl_module, self)  # a failed fit must not leave the module patched
 
     def _provide(self, module: nn.Module, optimizers: list) -> list[dict[str, Any]]:
-        strategy = module.trainer.strategy  # type: ignore[attr-defined]
+        trainer: Any = module.trainer  # a LightningModule's Trainer (nn.Module.__getattr__ is typed Tensor | Module)
+        strategy = trainer.strategy
 
         def agree(value: float) -> float:
             return broadcast_object(strategy, value)

@@ -8,7 +8,6 @@ Functional cores: :func:`dropout_layers`, :func:`scheduled_dropout`, :func:`mc_d
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, get_args
 
@@ -20,6 +19,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from lightning_techniques._internal.batch import get_inputs, get_targets
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.distributed import all_reduce_sum
+from lightning_techniques._internal.schedule import interpolate, progress
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_number, check_positive
 
@@ -49,13 +49,11 @@ def scheduled_dropout(step: int, target: float, steps: int, start: float = 0.0,
     ``gamma = 5 / steps`` by default (99.3 % of the way at ``steps``).
     """
     if schedule == "linear":
-        fraction = min(1.0, max(step, 0) / steps) if steps > 0 else 1.0
-    elif schedule == "curriculum":
+        return interpolate(start, target, progress(step, steps), "linear")
+    if schedule == "curriculum":  # saturating in the step count itself (not clipped at ``steps``)
         rate = gamma if gamma is not None else 5.0 / steps
-        fraction = 1.0 - math.exp(-rate * max(step, 0))
-    else:
-        raise ValueError(f"schedule={schedule!r} is not allowed; choose one of {list(get_args(DropoutScheduleKind))}.")
-    return start + (target - start) * fraction
+        return interpolate(start, target, float(max(step, 0)), "saturating", rate=rate)
+    raise ValueError(f"schedule={schedule!r} is not allowed; choose one of {list(get_args(DropoutScheduleKind))}.")
 
 
 class DropoutSchedule(Callback):

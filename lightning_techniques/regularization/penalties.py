@@ -17,6 +17,7 @@ from torch import nn
 
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.loss_terms import LossTermHandle, add_loss_term
+from lightning_techniques._internal.schedule import interpolate, progress
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_non_negative, check_number
 
@@ -123,7 +124,7 @@ def warmup_coefficient(step: int, coefficient: float, warmup_steps: int = 0) -> 
     (``warmup_steps=0``: the full coefficient from the first step)."""
     if warmup_steps <= 0:
         return float(coefficient)
-    return float(coefficient) * min(1.0, max(step, 0) / warmup_steps)
+    return interpolate(0.0, float(coefficient), progress(step, warmup_steps), "linear")
 
 
 class _WeightPenalty(Callback):

@@ -186,3 +186,9 @@ def test_module_untouched_after_fit_and_after_an_exception(entry: Technique, tmp
     fit, killed = _fit_fingerprints(entry, True, tmp_path / "technique")
     assert_fingerprints_equal(clean_fit, fit, f"{entry.name}: module after fit")
     assert_fingerprints_equal(clean_killed, killed, f"{entry.name}: module after an exception mid-fit")
+
+
+def test_one_version_string() -> None:
+    from importlib.metadata import version
+
+    assert version("lightning_techniques") == lt.__version__, "pyproject takes its version from __version__"

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from lightning_techniques._internal import *  # noqa: F401,F403
 from lightning_techniques._internal import __all__ as _internal_all
-from lightning_techniques._internal.schedule import SHAPES, interpolate, progress
-from lightning_techniques._internal.step_logging import log_step_metrics, should_log_step
+from lightning_techniques._internal.schedule import SHAPES, interpolate, progress  # noqa: F401 (re-exported)
+from lightning_techniques._internal.step_logging import log_step_metrics, should_log_step  # noqa: F401 (re-exported)
 
 __all__ = sorted({*_internal_all, "SHAPES", "interpolate", "progress", "log_step_metrics", "should_log_step"})

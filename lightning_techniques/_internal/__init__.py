@@ -19,7 +19,7 @@
 
 from lightning_techniques._internal.artifacts import ArtifactLogger, artifact_dir, atomic_torch_save, atomic_write_bytes
 from lightning_techniques._internal.batch import get_inputs, get_targets, set_inputs, set_targets
-from lightning_techniques._internal.batch_transforms import add_batch_transform, current_stage
+from lightning_techniques._internal.batch_transforms import BatchTransformCallback, add_batch_transform, current_stage
 from lightning_techniques._internal.conflicts import EXCLUSIVE, MECHANISMS, check_conflicts
 from lightning_techniques._internal.criterion import CriterionHandle, find_criterion
 from lightning_techniques._internal.distributed import (
@@ -47,6 +47,7 @@ __all__ = [
     "EXCLUSIVE",
     "MECHANISMS",
     "ArtifactLogger",
+    "BatchTransformCallback",
     "CriterionHandle",
     "EvaluationCallback",
     "MechanismCleanup",

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -124,3 +125,31 @@ def add_batch_transform(
     handle = registry.add(name, fn, stage_set)
     undo_at_run_end(trainer, handle.remove)  # also undone when the run fails (no teardown then)
     return handle
+
+
+class BatchTransformCallback(Callback):
+    """Base of techniques that transform the on-device batch (normalisation, noise, augmentation, MixUp/CutMix): it
+    owns the transform's install and removal, so a technique states only *what* it does (``_transform``).
+
+    ``install_transform`` in ``setup`` registers ``self._transform(batch, stage)`` for ``stages`` (again after a failed
+    run, whose clean-up removed it); ``teardown`` removes it. Subclasses that extend ``teardown`` call ``super()``.
+    """
+
+    _transform_handle: BatchTransformHandle | None = None
+
+    def _transform(self, batch: Any, stage: str) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def install_transform(self, trainer: Any, pl_module: Any, stages: Iterable[str] = ("train",)) -> None:
+        handle = self._transform_handle
+        if handle is None or not handle.active:  # (removed by the clean-up after a failed run)
+            self._transform_handle = add_batch_transform(trainer, pl_module, type(self).__name__, self._transform,
+                                                         stages=stages)
+
+    def remove_transform(self) -> None:
+        if self._transform_handle is not None:
+            self._transform_handle.remove()
+            self._transform_handle = None
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.remove_transform()

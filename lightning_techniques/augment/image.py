@@ -6,11 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_techniques._internal.batch import get_inputs, set_inputs
-from lightning_techniques._internal.batch_transforms import add_batch_transform
+from lightning_techniques._internal.batch_transforms import BatchTransformCallback
 from lightning_techniques._internal.optional import require
 from lightning_techniques._internal.validation import check_non_negative, check_number, check_probability
 from lightning_techniques.augment._seeding import StepSeeder, default_seed
@@ -69,7 +68,7 @@ def augment_images(augmentation: nn.Module, x: torch.Tensor, seed: int) -> torch
 # ------------------------------------------------------------------------------------------------------------ adapter
 
 
-class ImageAugmentation(Callback):
+class ImageAugmentation(BatchTransformCallback):
     """Randomly flip, rotate and colour-jitter the image batch on the device before ``training_step``.
 
     Classic data augmentation for image classifiers (Krizhevsky, Sutskever & Hinton, "ImageNet Classification with
@@ -140,20 +139,12 @@ class ImageAugmentation(Callback):
             raise ValueError("ImageAugmentation: every technique is disabled; set hflip_p, vflip_p, rotation_degrees "
                              "or a colour magnitude (brightness, contrast, saturation, hue) above 0.")
         self._seeder: StepSeeder | None = None
-        self._handle: Any = None
         self._trainer: Any = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._trainer = trainer
         self._seeder = StepSeeder(default_seed(self.seed), salt=0x1A6)
-        if self._handle is None or not self._handle.active:  # (removed by the clean-up after a failed run)
-            self._handle = add_batch_transform(trainer, pl_module, "ImageAugmentation", self._transform,
-                                               stages=("train",))
-
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self.install_transform(trainer, pl_module, stages=("train",))
 
     def _transform(self, batch: Any, stage: str) -> Any:
         assert self._seeder is not None

@@ -6,10 +6,9 @@ import math
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from lightning_techniques._internal.batch import get_inputs, set_inputs
-from lightning_techniques._internal.batch_transforms import add_batch_transform
+from lightning_techniques._internal.batch_transforms import BatchTransformCallback
 from lightning_techniques._internal.schedule import interpolate, progress
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_choice, check_non_negative, check_positive
@@ -71,7 +70,7 @@ def add_noise(
 # ------------------------------------------------------------------------------------------------------------ adapter
 
 
-class InputNoise(Callback):
+class InputNoise(BatchTransformCallback):
     """Add random noise to the model's inputs in training only, with a scheduled scale.
 
     Training with input noise (Sietsma & Dow, "Creating artificial neural networks that generalize", 1991; Bishop,
@@ -150,14 +149,12 @@ class InputNoise(Callback):
         self.current_scale = self.scale
         self._seeder: StepSeeder | None = None
         self._total = 1
-        self._handle: Any = None
         self._trainer: Any = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self._trainer = trainer
         self._seeder = StepSeeder(default_seed(self.seed), salt=0x1A7)
-        if self._handle is None or not self._handle.active:  # (removed by the clean-up after a failed run)
-            self._handle = add_batch_transform(trainer, pl_module, "InputNoise", self._transform, stages=("train",))
+        self.install_transform(trainer, pl_module, stages=("train",))
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self.schedule_steps is not None:
@@ -168,11 +165,6 @@ class InputNoise(Callback):
                 raise ValueError("InputNoise: the run's length is unknown (max_steps=-1 and an infinite loader); "
                                  "pass schedule_steps=...")
             self._total = int(total)
-
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
 
     def scale_at(self, step: int) -> float:
         """The noise scale at optimizer step ``step``."""

@@ -9,11 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_techniques._internal.batch import get_inputs, get_targets, set_inputs, set_targets
-from lightning_techniques._internal.batch_transforms import add_batch_transform
+from lightning_techniques._internal.batch_transforms import BatchTransformCallback
 from lightning_techniques._internal.criterion import CriterionHandle
 from lightning_techniques._internal.validation import check_choice, check_positive, check_probability
 from lightning_techniques.augment._seeding import StepSeeder, default_seed
@@ -120,7 +119,7 @@ class SoftTargetNLLLoss(nn.Module):
 # ------------------------------------------------------------------------------------------------------------ adapter
 
 
-class _MixingCallback(Callback):
+class _MixingCallback(BatchTransformCallback):
     takes_over: frozenset[str] = frozenset({"batch_transform", "criterion"})  # see lightning_techniques/_internal/conflicts.py
     conflicts_with: tuple[str, ...] = ()
     _name = "mixing"
@@ -145,7 +144,6 @@ class _MixingCallback(Callback):
         self._classes = num_classes
         self._seeder: StepSeeder | None = None
         self._criterion: CriterionHandle | None = None
-        self._handle: Any = None
         self._trainer: Any = None
         self._rng = _ReseededRNG()
 
@@ -156,14 +154,10 @@ class _MixingCallback(Callback):
             return
         self._classes = self.num_classes or self._infer_num_classes(trainer, pl_module)
         self._prepare_criterion(pl_module)
-        if self._handle is None or not self._handle.active:  # (removed by the clean-up after a failed run)
-            self._handle = add_batch_transform(trainer, pl_module, type(self).__name__, self._transform,
-                                               stages=("train",))
+        self.install_transform(trainer, pl_module, stages=("train",))
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        super().teardown(trainer, pl_module, stage)
         if self._criterion is not None:
             self._criterion.restore()
             self._criterion = None

@@ -12,14 +12,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from lightning_techniques._internal import compat
 from lightning_techniques._internal.batch import get_inputs, set_inputs
-from lightning_techniques._internal.batch_transforms import add_batch_transform
+from lightning_techniques._internal.batch_transforms import BatchTransformCallback
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.validation import check_choice, check_non_negative, check_positive
 
@@ -47,7 +46,7 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_floating_point() else x.to(torch.get_default_dtype())
 
 
-class _FittedNormalization(Callback):
+class _FittedNormalization(BatchTransformCallback):
     """Base adapter: fit on the training split once (never on resume), apply identically in every stage."""
 
     _what = "normalisation"
@@ -79,7 +78,6 @@ class _FittedNormalization(Callback):
         self.stats: dict[str, torch.Tensor] | None = None  # float64, shaped like one input without the batch dim
         self.num_fits = 0  # fits done by this instance (runtime only, not checkpointed)
         self._module: nn.Module | None = None
-        self._handle: Any = None
 
     # ------------------------------------------------------------------ to implement
     def _empty(self) -> dict[str, Any]:
@@ -154,14 +152,7 @@ class _FittedNormalization(Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":
             check_conflicts(trainer, self)
-        if self._handle is None or not self._handle.active:  # (removed by the clean-up after a failed run)
-            self._handle = add_batch_transform(trainer, pl_module, f"{type(self).__name__}", self._transform,
-                                               stages=self.stages)
-
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self.install_transform(trainer, pl_module, stages=self.stages)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # after the checkpoint restore (load_state_dict): a resumed run keeps its statistics and never refits

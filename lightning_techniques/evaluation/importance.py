@@ -9,7 +9,7 @@ Artificial Neural Networks", 2019 (zeroing a unit/layer and measuring the change
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ def _neg_mse(outputs: Tensor, targets: Tensor) -> float:
     return -float(F.mse_loss(outputs.double().reshape(targets.shape), targets.double()))
 
 
+ScoreName = Literal["accuracy", "neg_cross_entropy", "neg_mse"]
 SCORES: dict[str, ScoreFn] = {"accuracy": _accuracy, "neg_cross_entropy": _neg_cross_entropy, "neg_mse": _neg_mse}
 
 
@@ -62,7 +63,7 @@ def permutation_importance(
     forward: Callable[[Tensor], Tensor],
     inputs: Tensor,
     targets: Tensor,
-    score: str | ScoreFn = "accuracy",
+    score: ScoreName | ScoreFn = "accuracy",
     n_repeats: int = 5,
     seed: int = 0,
     batch_size: int = 4096,
@@ -118,8 +119,8 @@ def ablation_importance(
     inputs: Tensor,
     targets: Tensor,
     layers: Sequence[str],
-    score: str | ScoreFn = "accuracy",
-    mode: str = "zero",
+    score: ScoreName | ScoreFn = "accuracy",
+    mode: Literal["zero", "mean"] = "zero",
     forward: Callable[[Tensor], Tensor] | None = None,
     batch_size: int = 4096,
 ) -> dict[str, Any]:
@@ -213,7 +214,9 @@ class PermutationImportance(EvaluationCallback):
     Example::
 
         trainer = L.Trainer(callbacks=[PermutationImportance(layers=["net.0", "net.2"])])
-        trainer.fit(TabularMLP(), datamodule=BreastCancerDataModule()); trainer.test(datamodule=dm)
+        dm = BreastCancerDataModule()
+        trainer.fit(TabularMLP(), datamodule=dm)
+        trainer.test(datamodule=dm)
 
     Limits: single-tensor inputs whose features are the elements of ``inputs[i]`` (for correlated features the
     importance of each is understated: permuting one leaves its twin); cost is
@@ -225,8 +228,8 @@ class PermutationImportance(EvaluationCallback):
         self,
         features: bool = True,
         layers: list[str] | None = None,
-        ablation_mode: str = "zero",
-        score: str = "accuracy",
+        ablation_mode: Literal["zero", "mean"] = "zero",
+        score: ScoreName = "accuracy",
         n_repeats: int = 5,
         max_samples: int = 512,
         stages: Sequence[str] = ("test",),
@@ -305,7 +308,7 @@ class PermutationImportance(EvaluationCallback):
         if not self._active:
             return
         self._active = False
-        result = None
+        result: dict[str, Any] | None = None
         if trainer.is_global_zero:
             inputs, targets = torch.cat(self._inputs), torch.cat(self._targets)
             result = {"n": int(targets.shape[0])}
@@ -323,6 +326,7 @@ class PermutationImportance(EvaluationCallback):
                     result["layers"] = abl["importance"]
         self._inputs, self._targets = [], []
         result = broadcast_object(trainer.strategy, result)
+        assert result is not None  # rank 0 computed it; the broadcast delivered it to every rank
         name = "val" if stage == "validate" else "test"
         self.results[name] = result
         if trainer.is_global_zero:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -172,9 +173,9 @@ def classification_scalars(probs: Tensor, targets: Tensor, n_bins: int = 15) -> 
     recall = tmc.multiclass_recall(probs, targets, average="none", **kw)
     out["balanced_accuracy"] = float(recall[present].mean())
     for average in ("macro", "micro"):
-        out[f"precision_{average}"] = float(_quiet(lambda a=average: tmc.multiclass_precision(probs, targets, average=a, **kw)))
-        out[f"recall_{average}"] = float(_quiet(lambda a=average: tmc.multiclass_recall(probs, targets, average=a, **kw)))
-        out[f"f1_{average}"] = float(_quiet(lambda a=average: tmc.multiclass_f1_score(probs, targets, average=a, **kw)))
+        out[f"precision_{average}"] = float(_quiet(partial(tmc.multiclass_precision, probs, targets, average=average, **kw)))
+        out[f"recall_{average}"] = float(_quiet(partial(tmc.multiclass_recall, probs, targets, average=average, **kw)))
+        out[f"f1_{average}"] = float(_quiet(partial(tmc.multiclass_f1_score, probs, targets, average=average, **kw)))
     if int(present.sum()) < 2:
         out["auroc"] = out["average_precision"] = math.nan
     elif num_classes == 2:
@@ -329,17 +330,19 @@ class _Collected(Metric):
     """Predictions and targets of one evaluation epoch, gathered from every rank on ``compute()``."""
 
     full_state_update = False
+    preds: list[Tensor]  # list states registered by add_state below (Metric.__getattr__ is typed Tensor | Module)
+    targets: list[Tensor]
 
     def __init__(self) -> None:
         super().__init__(dist_sync_on_step=False)
         self.add_state("preds", default=[], dist_reduce_fx="cat")
         self.add_state("targets", default=[], dist_reduce_fx="cat")
 
-    def update(self, preds: Tensor, targets: Tensor) -> None:  # type: ignore[override]
+    def update(self, preds: Tensor, targets: Tensor) -> None:
         self.preds.append(preds)
         self.targets.append(targets)
 
-    def compute(self) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def compute(self) -> tuple[Tensor, Tensor]:
         return dim_zero_cat(self.preds), dim_zero_cat(self.targets)
 
 
@@ -416,7 +419,8 @@ class EvaluationReport(EvaluationCallback):
     Example::
 
         trainer = L.Trainer(callbacks=[EvaluationReport(class_names=[str(i) for i in range(10)])])
-        trainer.fit(DigitsCNN(), datamodule=DigitsDataModule())
+        dm = DigitsDataModule()
+        trainer.fit(DigitsCNN(), datamodule=dm)
         trainer.test(datamodule=dm)      # evaluation/test_metrics_step*.csv with 95% bootstrap intervals
 
     Limits: every evaluated prediction is kept (in memory, on every rank after the gather) until the epoch's report,
@@ -580,6 +584,7 @@ class EvaluationReport(EvaluationCallback):
         if trainer.is_global_zero:
             report = self._compute(preds.cpu(), targets.cpu(), with_ci)
         report = broadcast_object(trainer.strategy, report)
+        assert report is not None  # rank 0 computed it; the broadcast delivered it to every rank
         self.results[name] = report
         if trainer.is_global_zero:
             self._publish(trainer, name, report)

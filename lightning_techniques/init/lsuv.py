@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -44,9 +44,10 @@ def select_layers(
     exclude: Sequence[str] | None = None,
 ) -> list[tuple[str, nn.Module]]:
     """``(name, layer)`` of every layer of ``layer_types`` with a ``weight``, filtered by glob patterns on names."""
-    chosen = []
+    chosen: list[tuple[str, nn.Module]] = []
+    types: tuple[type[nn.Module], ...] = tuple(layer_types)
     for name, layer in model.named_modules():
-        if not isinstance(layer, tuple(layer_types)) or not isinstance(getattr(layer, "weight", None), torch.Tensor):
+        if not isinstance(layer, types) or not isinstance(getattr(layer, "weight", None), torch.Tensor):
             continue
         if include and not any(fnmatch.fnmatchcase(name, pattern) for pattern in include):
             continue
@@ -156,7 +157,7 @@ def lsuv_init(
             rank_zero_warn(f"LSUV: layers {never} are never called by the forward pass and are left as they are.")
         if orthogonal:
             for name in order:
-                weight = by_name[name].weight
+                weight = cast(torch.Tensor, by_name[name].weight)  # _layers kept only layers with a tensor weight
                 if weight.ndim >= 2:
                     nn.init.orthogonal_(weight)
         reports = []
@@ -172,8 +173,9 @@ def lsuv_init(
                 if center_bias and getattr(layer, "bias", None) is not None:
                     channel_dim = 1 if out.ndim > 2 else -1
                     dims = [d for d in range(out.ndim) if d != channel_dim % out.ndim]
-                    layer.bias.sub_(out.float().mean(dim=dims).to(layer.bias.dtype))
-                layer.weight.div_(var**0.5)
+                    bias = cast(torch.Tensor, layer.bias)
+                    bias.sub_(out.float().mean(dim=dims).to(bias.dtype))
+                cast(torch.Tensor, layer.weight).div_(var**0.5)
                 iterations += 1
                 out = _capture(model, layer, forward)
                 assert out is not None

@@ -134,7 +134,7 @@ class _InterfacePatch:
         def __getitem__(interface: Any, key: str) -> Any:
             return patch.wrap(original_getitem(interface, key))
 
-        AttentionInterface.__getitem__ = __getitem__
+        setattr(AttentionInterface, "__getitem__", __getitem__)  # noqa: B010 (a method assignment mypy refuses)
 
     def _uninstall(self) -> None:
         if self._had_own is None:

@@ -27,7 +27,7 @@ import fnmatch
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -163,8 +163,9 @@ class AttentionCapture:
                 self._handles.append(module.register_forward_hook(self._mha_hook(name), with_kwargs=True))
             else:
                 self._pending[name] = {}
-                self._handles.append(module.q_proj.register_forward_hook(self._keep(name, "q")))
-                self._handles.append(module.k_proj.register_forward_hook(self._keep(name, "k")))
+                q_proj, k_proj = cast(nn.Module, module.q_proj), cast(nn.Module, module.k_proj)
+                self._handles.append(q_proj.register_forward_hook(self._keep(name, "q")))
+                self._handles.append(k_proj.register_forward_hook(self._keep(name, "k")))
                 self._handles.append(module.register_forward_hook(self._combine(name, module)))
         for encoder_name, wanted in encoders.items():
             encoder = modules[encoder_name]
@@ -235,6 +236,7 @@ class AttentionCapture:
                     _, weights = module.forward(*args[:3], **call_kwargs)
             finally:
                 self._in_side_call = False
+            assert weights is not None  # need_weights=True
             if weights.ndim == 3:  # unbatched input: [H, L, S]
                 weights = weights.unsqueeze(0)
             self.maps[name].append(weights.detach())
@@ -278,6 +280,7 @@ def _self_attention_weights(layer: nn.TransformerEncoderLayer, src: Tensor, mask
     x = layer.norm1.forward(src) if layer.norm_first else src
     _, weights = layer.self_attn.forward(x, x, x, attn_mask=mask, key_padding_mask=padding, need_weights=True,
                                          average_attn_weights=False, is_causal=causal and mask is not None)
+    assert weights is not None  # need_weights=True
     return (weights.unsqueeze(0) if weights.ndim == 3 else weights).detach()
 
 
@@ -471,7 +474,7 @@ class AttentionMapLogger(EvaluationCallback):
         every_n_val_epochs: int = 5,
         on_test: bool = True,
         num_samples: int = 1,
-        style: str = "figure",
+        style: Literal["image", "figure"] = "figure",
         causal: bool = False,
         scale: float | None = None,
         token_names: list[str] | None = None,

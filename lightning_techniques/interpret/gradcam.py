@@ -4,15 +4,16 @@ ICCV 2017) as a functional core (Captum's ``LayerGradCam`` + ``LayerAttribution.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
 from lightning_techniques._internal.eval_grad import gradients_enabled, usable_tensor
 from lightning_techniques._internal.optional import require
 from lightning_techniques._internal.validation import check_choice
-from lightning_techniques.interpret.attribution import AttributionLogger, _target_list
+from lightning_techniques.interpret.attribution import AttributionLogger, Explain, Selection, _target_list
 
+InterpolateMode = Literal["bilinear", "nearest", "bicubic", "area"]
 INTERPOLATION = ("bilinear", "nearest", "bicubic", "area")
 
 
@@ -48,7 +49,7 @@ def grad_cam(
     inputs: Tensor,
     target: Tensor | Sequence[int] | int,
     upsample: bool = True,
-    interpolate_mode: str = "bilinear",
+    interpolate_mode: InterpolateMode = "bilinear",
     relu: bool = True,
 ) -> Tensor:
     """Grad-CAM maps ``[B, 1, h, w]`` of ``layer`` for the ``target`` classes; with ``upsample`` resized to the
@@ -100,9 +101,9 @@ class GradCAMLogger(AttributionLogger):
     method_name = "gradcam"
     default_every_n_val_epochs = 2
 
-    def __init__(self, target_layer: str | None = None, interpolate_mode: str = "bilinear", every_n_val_epochs: int | None = None,
-                 selection: str = "per_class", samples_per_class: int = 1, max_samples: int = 10,
-                 explain: str = "prediction", log_on_test: bool = True, seed: int = 0, name: str | None = None,
+    def __init__(self, target_layer: str | None = None, interpolate_mode: InterpolateMode = "bilinear", every_n_val_epochs: int | None = None,
+                 selection: Selection = "per_class", samples_per_class: int = 1, max_samples: int = 10,
+                 explain: Explain = "prediction", log_on_test: bool = True, seed: int = 0, name: str | None = None,
                  input_key: str | int | None = None, target_key: str | int | None = None,
                  class_names: list[str] | None = None, figure: bool = True,
                  every_n_epochs: int | None = None) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -28,12 +28,15 @@ from lightning_techniques._internal.optional import require
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
 from lightning_techniques.interpret.attribution import (
     AttributionLogger,
+    Explain,
+    Selection,
     _baseline_like,
     _first_loader,
     _target_list,
     private_rng,
 )
 
+Explainer = Literal["gradient", "deep", "auto"]
 EXPLAINERS = ("gradient", "deep", "auto")
 
 
@@ -64,8 +67,8 @@ def _no_leftovers(model: nn.Module) -> Iterator[None]:
             for key in [k for k in m._parameters if k not in params]:
                 del m._parameters[key]
             for store, keep in ((m._forward_hooks, fwd), (m._backward_hooks, bwd), (m._forward_pre_hooks, pre)):
-                for key in [k for k in store if k not in keep]:
-                    del store[key]
+                for hook_id in [k for k in store if k not in keep]:
+                    del store[hook_id]
 
 
 def deep_explainer_problems(model: nn.Module, example: Tensor | None = None) -> list[str]:
@@ -110,7 +113,7 @@ def shap_attributions(
     inputs: Tensor,
     target: Tensor | Sequence[int] | int,
     background: Tensor,
-    explainer: str = "gradient",
+    explainer: Explainer = "gradient",
     nsamples: int = 200,
     seed: int = 0,
 ) -> tuple[Tensor, str]:
@@ -257,9 +260,9 @@ class SHAPLogger(AttributionLogger):
     method_name = "shap"
     default_every_n_val_epochs = 40
 
-    def __init__(self, explainer: str = "gradient", background_size: int = 64, nsamples: int = 200,
-                 every_n_val_epochs: int | None = None, selection: str = "per_class", samples_per_class: int = 1,
-                 max_samples: int = 10, explain: str = "prediction", log_on_test: bool = True, seed: int = 0,
+    def __init__(self, explainer: Explainer = "gradient", background_size: int = 64, nsamples: int = 200,
+                 every_n_val_epochs: int | None = None, selection: Selection = "per_class", samples_per_class: int = 1,
+                 max_samples: int = 10, explain: Explain = "prediction", log_on_test: bool = True, seed: int = 0,
                  name: str | None = None, input_key: str | int | None = None,
                  target_key: str | int | None = None,
                  class_names: list[str] | None = None, figure: bool = True,
@@ -341,8 +344,8 @@ class LIMELogger(AttributionLogger):
     default_every_n_val_epochs = 50
 
     def __init__(self, superpixel_size: int = 2, n_samples: int = 200, baseline: float = 0.0, alpha: float = 0.0,
-                 every_n_val_epochs: int | None = None, selection: str = "per_class", samples_per_class: int = 1,
-                 max_samples: int = 10, explain: str = "prediction", log_on_test: bool = True, seed: int = 0,
+                 every_n_val_epochs: int | None = None, selection: Selection = "per_class", samples_per_class: int = 1,
+                 max_samples: int = 10, explain: Explain = "prediction", log_on_test: bool = True, seed: int = 0,
                  name: str | None = None, input_key: str | int | None = None,
                  target_key: str | int | None = None,
                  class_names: list[str] | None = None, figure: bool = True,

@@ -56,6 +56,9 @@ class MinMaxScale(nn.Module):
     Limits: the input must match the parameters' shape (up to size-1 dimensions); computed in the input's dtype.
     """
 
+    scale: torch.Tensor  # buffers, registered in __init__
+    offset: torch.Tensor
+
     def __init__(self, scale: torch.Tensor, offset: torch.Tensor) -> None:
         super().__init__()
         scale, offset = torch.as_tensor(scale, dtype=torch.float64), torch.as_tensor(offset, dtype=torch.float64)

@@ -89,6 +89,9 @@ class Standardize(nn.Module):
     Limits: the input must match the statistics' shape (up to size-1 dimensions); computed in the input's dtype.
     """
 
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
+
     def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         super().__init__()
         mean, std = torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(std, dtype=torch.float64)

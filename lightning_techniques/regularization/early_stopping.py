@@ -124,8 +124,9 @@ class EarlyStopping(_LightningEarlyStopping):
 
     Example::
 
-        trainer = L.Trainer(callbacks=[EarlyStopping(monitor="val_loss", patience=3)])
-        trainer.fit(model, datamodule=dm)   # model now holds the best-val_loss weights
+        model = DigitsCNN()
+        trainer = L.Trainer(max_epochs=30, callbacks=[EarlyStopping(monitor="val_loss", patience=3)])
+        trainer.fit(model, datamodule=DigitsDataModule())   # model now holds the best-val_loss weights
 
     Limits: only model weights are restored (not optimizer state); FSDP/DeepSpeed sharded weights are refused.
     """

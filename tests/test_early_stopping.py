@@ -283,9 +283,8 @@ def test_device_storage_stays_on_the_gpu(tmp_path: Path) -> None:
 def test_sharded_strategy_is_refused_as_misconfiguration() -> None:
     from types import SimpleNamespace
 
-    from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
     from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     class UserFSDP(FSDPStrategy):  # a subclass counts (isinstance, not a name match); no process group needed
         def __init__(self) -> None:

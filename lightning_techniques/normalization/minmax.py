@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -126,7 +126,7 @@ class MinMaxNormalization(_FittedNormalization):
     def __init__(
         self,
         feature_range: list[float] | tuple[float, float] = (0.0, 1.0),
-        per: str = "feature",
+        per: Literal["feature", "channel", "global"] = "feature",
         eps: float = 1e-8,
         input_key: str | int | None = None,
         fit_batch_size: int = 1024,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -161,7 +161,7 @@ class ZScoreNormalization(_FittedNormalization):
 
     def __init__(
         self,
-        per: str = "feature",
+        per: Literal["feature", "channel", "global"] = "feature",
         eps: float = 1e-8,
         input_key: str | int | None = None,
         fit_batch_size: int = 1024,

@@ -29,6 +29,7 @@ def test_every_entry_and_the_stack_agree_across_ranks(tmp_path: Path) -> None:
         stops = "stopping" in entry.takes_over  # EarlyStopping may end its run sooner (on both ranks alike)
         assert r0[entry.name]["steps"] == entry.recipe.steps or stops, entry.name
     assert len(r0["<stack>"]["names"]) >= 20
+    assert r0["<stack>"]["untouched"] and r1["<stack>"]["untouched"]  # module fingerprints checked in the script
     assert_ranks_agree([r0["<stack>"], r1["<stack>"]])
     failures: list[str] = []
     for entry in registry.entries("ddp"):

@@ -168,7 +168,7 @@ def test_bad_arguments_and_misuse() -> None:
         LSUVInit(tolerance=0)
     with pytest.raises(TypeError, match="max_iterations must be an integer"):
         LSUVInit(max_iterations=2.5)
-    with pytest.raises(ValueError, match="layer_types: cannot import 'torch.nn.Nope'"):
+    with pytest.raises(ValueError, match="layer_types: cannot import layer type 'torch.nn.Nope'"):
         LSUVInit(layer_types=["torch.nn.Nope"])
     assert LSUVInit(layer_types=["Linear"]).layer_types == (nn.Linear,)
     with pytest.raises(ValueError, match="no layer matches .* Layers in the model"):

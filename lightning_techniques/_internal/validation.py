@@ -50,3 +50,24 @@ def check_non_negative(name: str, value: Any, integer: bool = False) -> Any:
 
 def check_probability(name: str, value: Any) -> Any:
     return check_number(name, value, low=0.0, high=1.0)
+
+
+def resolve_layer_type(spec: Any, argument: str) -> type:
+    """An ``nn.Module`` subclass from a class or an import path (``"Conv2d"`` means ``torch.nn.Conv2d``): how techniques
+    take layer types from YAML. Raises ``ValueError`` naming ``argument`` for a path that does not import and
+    ``TypeError`` for anything that is not a module class."""
+    import importlib
+
+    from torch import nn
+
+    if isinstance(spec, type) and issubclass(spec, nn.Module):
+        return spec
+    if isinstance(spec, str):
+        module_name, _, attr = spec.rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module_name or "torch.nn"), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"{argument}: cannot import layer type {spec!r} ({err}).") from None
+        if isinstance(found, type) and issubclass(found, nn.Module):
+            return found
+    raise TypeError(f"{argument}: layer types must be nn.Module classes or their import paths, got {spec!r}.")

@@ -16,7 +16,7 @@ from lightning_techniques._internal import compat
 from lightning_techniques._internal.artifacts import ArtifactLogger
 from lightning_techniques._internal.batch import get_inputs
 from lightning_techniques._internal.distributed import broadcast_module_, broadcast_object
-from lightning_techniques._internal.validation import check_number, check_positive
+from lightning_techniques._internal.validation import check_number, check_positive, resolve_layer_type
 
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -254,21 +254,7 @@ class LSUVInit(Callback):
 
     @staticmethod
     def _resolve_type(spec: str | type[nn.Module]) -> type[nn.Module]:
-        if isinstance(spec, type) and issubclass(spec, nn.Module):
-            return spec
-        if isinstance(spec, str):
-            module_name, _, attr = spec.rpartition(".")
-            if not module_name:
-                module_name, attr = "torch.nn", spec
-            import importlib
-
-            try:
-                found = getattr(importlib.import_module(module_name), attr)
-            except (ImportError, AttributeError) as err:
-                raise ValueError(f"layer_types: cannot import {spec!r} ({err}).") from None
-            if isinstance(found, type) and issubclass(found, nn.Module):
-                return found
-        raise TypeError(f"layer_types entries must be nn.Module classes or their import paths, got {spec!r}.")
+        return resolve_layer_type(spec, "layer_types")
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if compat.is_fsdp(trainer.strategy) or compat.is_deepspeed(trainer.strategy):

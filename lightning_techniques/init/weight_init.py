@@ -8,7 +8,6 @@ generator) and the Lightning adapter :class:`WeightInit` (once at fit start, nev
 from __future__ import annotations
 
 import fnmatch
-import importlib
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -20,9 +19,16 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lightning_techniques._internal import compat
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.distributed import broadcast_module_, broadcast_object
-from lightning_techniques._internal.validation import check_choice, check_non_negative, check_number, check_positive
+from lightning_techniques._internal.validation import (
+    check_choice,
+    check_non_negative,
+    check_number,
+    check_positive,
+    resolve_layer_type,
+)
 
 Scheme = Literal["xavier_uniform", "xavier_normal", "kaiming_normal", "kaiming_uniform", "uniform", "normal",
                  "orthogonal", "zeros", "keep"]
@@ -152,19 +158,7 @@ def init_layer_(layer: nn.Module, spec: InitSpec, generator: torch.Generator | N
 
 
 def _resolve_type(spec: str | type[nn.Module], argument: str) -> type[nn.Module]:
-    if isinstance(spec, type) and issubclass(spec, nn.Module):
-        return spec
-    if isinstance(spec, str):
-        module_name, _, attr = spec.rpartition(".")
-        if not module_name:
-            module_name, attr = "torch.nn", spec
-        try:
-            found = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"{argument}: cannot import layer type {spec!r} ({err}).") from None
-        if isinstance(found, type) and issubclass(found, nn.Module):
-            return found
-    raise TypeError(f"{argument}: layer types must be nn.Module classes or their import paths, got {spec!r}.")
+    return resolve_layer_type(spec, argument)
 
 
 def _describe_layers(model: nn.Module) -> list[str]:
@@ -406,8 +400,7 @@ class WeightInit(Callback):
         if stage != "fit":
             return
         check_conflicts(trainer, self)
-        name = type(trainer.strategy).__name__.lower()
-        if "fsdp" in name or "deepspeed" in name:
+        if compat.shards_parameters(trainer.strategy):
             raise ValueError(f"WeightInit does not support {type(trainer.strategy).__name__} (sharded weights).")
         if not self.done and trainer.ckpt_path is None:
             self._plan(pl_module)  # misuse reported before anything runs

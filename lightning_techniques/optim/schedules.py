@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_techniques._internal import compat
-from lightning_techniques._internal.conflicts import check_conflicts
+from lightning_techniques._internal.conflicts import check_conflicts, takes_over
 from lightning_techniques._internal.distributed import broadcast_object
 from lightning_techniques._internal.schedule import interpolate, progress
 from lightning_techniques._internal.step_logging import check_log_flag, should_log_step
@@ -172,7 +172,7 @@ class AgreedReduceLROnPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
 def _accumulation_callbacks(trainer: Any) -> tuple[list[GradientAccumulationScheduler], list[Callback]]:
     lightning = [cb for cb in trainer.callbacks if isinstance(cb, GradientAccumulationScheduler)]
     others = [cb for cb in trainer.callbacks
-              if not isinstance(cb, GradientAccumulationScheduler) and "accumulat" in type(cb).__name__.lower()]
+              if not isinstance(cb, GradientAccumulationScheduler) and "accumulation" in takes_over(cb)]
     return lightning, others
 
 

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from lightning_techniques._internal import compat
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.patching import MethodPatch
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
@@ -120,8 +121,7 @@ class WeightNoise(Callback):
         if stage != "fit":
             return
         check_conflicts(trainer, self)
-        name = type(trainer.strategy).__name__.lower()
-        if "fsdp" in name or "deepspeed" in name:
+        if compat.shards_parameters(trainer.strategy):
             raise ValueError(f"WeightNoise does not support {type(trainer.strategy).__name__} (sharded weights).")
         self.parameter_names = [n for n, _ in penalty_parameters(pl_module, self.include, self.exclude,
                                                                  self.layer_types)]

@@ -19,7 +19,7 @@ from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.loss_terms import LossTermHandle, add_loss_term
 from lightning_techniques._internal.schedule import interpolate, progress
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
-from lightning_techniques._internal.validation import check_non_negative, check_number
+from lightning_techniques._internal.validation import check_non_negative, check_number, resolve_layer_type
 
 PenaltyKind = Literal["l1", "l2"]
 
@@ -44,23 +44,7 @@ def _compile(argument: str, pattern: str | None) -> re.Pattern[str] | None:
 def _resolve_types(layer_types: Sequence[str | type[nn.Module]] | None) -> tuple[type[nn.Module], ...] | None:
     if layer_types is None:
         return None
-    import importlib
-
-    resolved = []
-    for spec in layer_types:
-        if isinstance(spec, type) and issubclass(spec, nn.Module):
-            resolved.append(spec)
-            continue
-        if not isinstance(spec, str):
-            raise TypeError(f"layer_types entries must be nn.Module classes or their names, got {spec!r}.")
-        module_name, _, attr = spec.rpartition(".")
-        try:
-            found = getattr(importlib.import_module(module_name or "torch.nn"), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"layer_types: cannot import layer type {spec!r} ({err}).") from None
-        if not (isinstance(found, type) and issubclass(found, nn.Module)):
-            raise TypeError(f"layer_types: {spec!r} is not an nn.Module class.")
-        resolved.append(found)
+    resolved = [resolve_layer_type(spec, "layer_types") for spec in layer_types]
     if not resolved:
         raise ValueError("layer_types must name at least one layer type (or be None for every layer).")
     return tuple(resolved)

@@ -21,7 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ on the pa
 from test_contract_combinations import STACK, split, stack_recipe  # noqa: E402
 
 from lightning_techniques import registry  # noqa: E402
-from lightning_techniques.testing import assert_exact_resume, save_rank_result, script_out_dir  # noqa: E402
+from lightning_techniques.testing import (  # noqa: E402
+    assert_exact_resume,
+    assert_fingerprints_equal,
+    assert_picklable,
+    module_fingerprint,
+    save_rank_result,
+    script_out_dir,
+)
 
 warnings.filterwarnings("ignore")  # a standalone script: keep the subprocess output readable
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -59,9 +66,17 @@ def main() -> None:
                                    total_steps=recipe.steps, split_step=recipe.split,
                                    trainer_kwargs={**recipe.trainer, **ddp}, make_plugins=make_plugins,
                                    compare_state=rank == 0)
+    # module untouched under DDP too: the stack's module against the same run with no technique
+    L.seed_everything(0, verbose=False)
+    clean = recipe.build_module()
+    L.Trainer(max_steps=recipe.steps, default_root_dir=str(out / "clean"), **DDP, **recipe.trainer).fit(
+        clean, datamodule=recipe.build_data())
+    assert_fingerprints_equal(module_fingerprint(clean), module_fingerprint(straight["module"]), "stack under DDP")
+    assert_picklable(straight["module"])
     result["<stack>"] = {
         "weights": {k: v.detach().cpu() for k, v in straight["module"].state_dict().items()},
         "names": [entry.name for entry in STACK],
+        "untouched": True,
     }
     save_rank_result(out, rank, result)
 

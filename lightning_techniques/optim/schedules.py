@@ -172,7 +172,9 @@ class AgreedReduceLROnPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
 def _accumulation_callbacks(trainer: Any) -> tuple[list[GradientAccumulationScheduler], list[Callback]]:
     lightning = [cb for cb in trainer.callbacks if isinstance(cb, GradientAccumulationScheduler)]
     others = [cb for cb in trainer.callbacks
-              if not isinstance(cb, GradientAccumulationScheduler) and "accumulation" in takes_over(cb)]
+              if not isinstance(cb, GradientAccumulationScheduler)
+              # declared (ours), or a third-party callback whose name says it changes the accumulation
+              and ("accumulation" in takes_over(cb) or "accumulat" in type(cb).__name__.lower())]
     return lightning, others
 
 

@@ -41,6 +41,8 @@ class Recipe:
     ``epochs`` / ``epoch_batches`` / ``epoch_split``: the ``max_epochs``-bounded check (``epochs`` epochs of
     ``epoch_batches`` batches; checkpoint after optimizer step ``epoch_split``, which must fall mid-epoch, then the
     run is killed by an exception and resumed).
+    ``with_``: registry names of techniques the run needs beside this one (built from their own recipes' arguments),
+    e.g. ``RNGStateCheckpoint`` for a technique on a dropout model, whose masks come from the global random state.
     """
 
     module: str = "DigitsCNN"
@@ -54,6 +56,7 @@ class Recipe:
     epochs: int = 2
     epoch_batches: int = 4
     epoch_split: int = 5
+    with_: tuple[str, ...] = ()
 
     def build_module(self) -> Any:
         demo = importlib.import_module("lightning_techniques.demo")
@@ -100,6 +103,10 @@ class Technique:
         if point not in CONTRACT_POINTS:
             raise ValueError(f"point={point!r} is not a contract point; allowed: {', '.join(CONTRACT_POINTS)}.")
         return point not in self.exceptions and self.recipe is not None
+
+    def companions(self) -> list[Any]:
+        """Fresh objects of the techniques the recipe runs beside this one (``Recipe.with_``)."""
+        return [] if self.recipe is None else [BY_NAME[name].build() for name in self.recipe.with_]
 
     def build(self, **overrides: Any) -> Any:
         """A fresh technique object from the recipe's arguments (``overrides`` replace some)."""
@@ -148,20 +155,16 @@ REGISTRY: tuple[Technique, ...] = (
        "Schedules the rate of the model's dropout layers over training (linear warm-up or curriculum dropout's "
        "exponential approach to each layer's own or a common target), by optimizer step; rates restored at teardown",
        "Morerio, Cavazza, Volpi, Vidal & Murino 2017", _NB_QUICK,
-       Recipe(module_kwargs={"channels": 4, "dropout": 0.3}, kwargs={"steps": 6, "schedule": "curriculum"}),
-       exceptions={point: "dropout masks are drawn from the global random state, which a checkpoint lacks: exact "
-                          "only with RNGStateCheckpoint (tested so in tests/test_regularization_dropout.py and in "
-                          "the stack)" for point in ("resume_steps", "resume_epochs")}),
+       # dropout masks come from the global random state, which Lightning's checkpoints lack: with RNGStateCheckpoint
+       Recipe(module_kwargs={"channels": 4, "dropout": 0.3}, kwargs={"steps": 6, "schedule": "curriculum"},
+              with_=("RNGStateCheckpoint",))),
     _t("MCDropout", "regularization",
        "Monte-Carlo dropout at test / validation / predict: K stochastic passes with only the dropout layers "
        "active; accuracy and NLL of the mean prediction, predictive entropy and mutual information logged "
        "(DDP-summed), predict results kept",
        "Gal & Ghahramani 2016", _NB_QUICK,
        Recipe(module_kwargs={"channels": 4, "dropout": 0.3}, kwargs={"num_samples": 3, "stages": ["validate", "test"]},
-              trainer=EVAL_TRAINER),
-       exceptions={point: "its tiny run trains a dropout model, whose masks come from the global random state a "
-                          "checkpoint lacks: exact only with RNGStateCheckpoint (MCDropout's own passes use a forked, "
-                          "seeded state; covered in the stack)" for point in ("resume_steps", "resume_epochs")}),
+              trainer=EVAL_TRAINER, with_=("RNGStateCheckpoint",))),  # (training a dropout model: see above)
     _t("WeightNoise", "regularization",
        "Gaussian (additive or multiplicative) noise on the weights for each training forward/backward; the clean "
        "weights are put back before the optimizer step, so checkpoints and validation never hold noise; seeded by "

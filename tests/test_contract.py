@@ -47,10 +47,10 @@ def factories(entry: Technique) -> dict[str, Any]:
     recipe = entry.recipe
     assert recipe is not None
     if entry.kind == "plugin":
-        return dict(make_module=recipe.build_module, make_datamodule=recipe.build_data, make_callbacks=list,
-                    make_plugins=lambda: [entry.build()])
+        return dict(make_module=recipe.build_module, make_datamodule=recipe.build_data,
+                    make_callbacks=entry.companions, make_plugins=lambda: [entry.build()])
     return dict(make_module=recipe.build_module, make_datamodule=recipe.build_data,
-                make_callbacks=lambda: [entry.build()], make_plugins=None)
+                make_callbacks=lambda: [entry.build(), *entry.companions()], make_plugins=None)
 
 
 def quiet_trainer(**kwargs: Any) -> L.Trainer:

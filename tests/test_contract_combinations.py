@@ -58,7 +58,14 @@ def merged_recipe(techniques: list[Technique]) -> Recipe:
 def split(techniques: list[Technique]) -> tuple[Any, Any]:
     """``make_callbacks`` and ``make_plugins`` for techniques in this order."""
     def make_callbacks() -> list[Callback]:
-        return [entry.build() for entry in techniques if entry.kind == "callback"]
+        built = [entry.build() for entry in techniques if entry.kind == "callback"]
+        present = {entry.name for entry in techniques}
+        for entry in techniques:  # the techniques a recipe needs beside its own (once, when not already in the run)
+            for name in entry.recipe.with_ if entry.recipe else ():
+                if name not in present:
+                    built.append(registry.BY_NAME[name].build())
+                    present.add(name)
+        return built
 
     def make_plugins() -> list[Any]:
         return [entry.build() for entry in techniques if entry.kind == "plugin"]

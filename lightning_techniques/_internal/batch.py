@@ -77,7 +77,8 @@ def _replace(batch: Any, key: Any, value: Any) -> Any:
         new = dict(batch) if not isinstance(batch, dict) else batch.copy()
         new[key] = value
         try:
-            return type(batch)(new) if not isinstance(batch, dict) else new
+            mapping_type: Any = type(batch)  # a concrete Mapping class, called like dict (Mapping itself is abstract)
+            return mapping_type(new) if not isinstance(batch, dict) else new
         except TypeError:  # mapping types that cannot be rebuilt from a dict
             return new
     items = list(batch)

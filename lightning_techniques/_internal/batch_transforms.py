@@ -49,7 +49,8 @@ class _Transform:
 
 def current_stage(trainer: Any) -> str | None:
     """The mechanism's stage name for the trainer's current running stage (None outside a loop)."""
-    return _STAGE_OF.get(getattr(trainer.state, "stage", None))
+    stage = getattr(trainer.state, "stage", None)
+    return None if stage is None else _STAGE_OF.get(stage)
 
 
 class BatchTransformHandle:

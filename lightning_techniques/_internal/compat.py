@@ -109,7 +109,9 @@ def count_train_batches(trainer: Any) -> int | float:
         return 0
     # the combined length as CombinedLoader computes it per mode, without iterating it (iterating a multi-worker
     # loader would start its sampler)
-    reduce = {"min_size": min, "max_size_cycle": max, "max_size": max, "sequential": sum}[combined._mode]
+    reducers: dict[str, Callable[[list[int | float]], int | float]] = {
+        "min_size": min, "max_size_cycle": max, "max_size": max, "sequential": sum}
+    reduce = reducers[combined._mode]
     return reduce(limits)
 
 

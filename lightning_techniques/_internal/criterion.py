@@ -112,7 +112,8 @@ class CriterionHandle:
             obj, key, old, persistent = self._undo.pop()
             if key in obj._buffers:
                 if old is not None and isinstance(old, torch.Tensor):
-                    old = old.to(obj._buffers[key].device) if obj._buffers[key] is not None else old
+                    current = obj._buffers[key]
+                    old = old.to(current.device) if current is not None else old
                 obj.register_buffer(key, old, persistent=persistent)
                 if persistent:
                     obj._non_persistent_buffers_set.discard(key)

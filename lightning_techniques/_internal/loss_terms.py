@@ -86,7 +86,8 @@ class _Registry:
                     raise TypeError(f"Loss term {term.name!r} must return a scalar tensor, got {value!r}.")
                 total = total + value.reshape(()).to(loss.dtype)
                 if term.log:
-                    self.module.log(f"loss_terms/{term.name}", value.detach(), on_step=True, on_epoch=True)
+                    module: Any = self.module  # a LightningModule (nn.Module.__getattr__ is typed Tensor | Module)
+                    module.log(f"loss_terms/{term.name}", value.detach(), on_step=True, on_epoch=True)
             if isinstance(output, torch.Tensor):
                 return total
             new_output = dict(output)

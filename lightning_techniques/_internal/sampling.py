@@ -91,7 +91,7 @@ class SteeredSampler(DistributedSampler):
     def rank_indices(self, epoch: int) -> list[int]:
         return self.global_order(epoch)[self.rank : self.total_size : self.num_replicas]
 
-    def __iter__(self):  # type: ignore[override]
+    def __iter__(self):
         indices = self.rank_indices(self.epoch)
         if self._skip is not None:
             # the first iteration after a resume: the resumed epoch skips what was consumed; any other epoch (the

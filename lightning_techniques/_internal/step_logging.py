@@ -16,6 +16,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from torch import Tensor
+
 
 def _is_last_training_batch(trainer: Any, loop: Any) -> bool:
     """True during the hooks of the batch that ends ``fit`` by ``max_steps`` or by ``max_epochs``."""
@@ -52,7 +54,7 @@ def should_log_step(trainer: Any) -> bool:
 
 def log_step_metrics(
     pl_module: Any,
-    metrics: Mapping[str, float] | Callable[[], Mapping[str, float]],
+    metrics: Mapping[str, float | Tensor] | Callable[[], Mapping[str, float | Tensor]],
 ) -> bool:
     """Log ``metrics`` (a mapping, or a function returning one, called only when logging) through
     ``pl_module.log(..., on_step=True, on_epoch=False)`` when :func:`should_log_step` says so. Without an attached

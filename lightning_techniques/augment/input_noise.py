@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -14,6 +14,8 @@ from lightning_techniques._internal.step_logging import check_log_flag, log_step
 from lightning_techniques._internal.validation import check_choice, check_non_negative, check_positive
 from lightning_techniques.augment._seeding import StepSeeder, default_seed, generator
 
+NoiseKind = Literal["gaussian", "uniform", "salt_and_pepper"]
+NoiseSchedule = Literal["constant", "linear", "cosine", "exponential"]
 KINDS = ("gaussian", "uniform", "salt_and_pepper")
 SCHEDULES = ("constant", "linear", "cosine", "exponential")
 
@@ -108,10 +110,10 @@ class InputNoise(BatchTransformCallback):
 
     def __init__(
         self,
-        kind: str = "gaussian",
+        kind: NoiseKind = "gaussian",
         scale: float = 0.1,
         final_scale: float | None = None,
-        schedule: str = "constant",
+        schedule: NoiseSchedule = "constant",
         schedule_steps: int | None = None,
         salt_value: float = 1.0,
         pepper_value: float = 0.0,

@@ -4,7 +4,7 @@ the soft-target loss handled through the criterion mechanism."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -77,7 +77,8 @@ class _ReseededRNG:
 
     def __init__(self) -> None:
         self.generator = np.random.Generator(np.random.PCG64(0))
-        self._state = self.generator.bit_generator.state
+        # numpy types BitGenerator.state as a Mapping; it is a fresh dict (mutated, then set back, in __call__)
+        self._state = cast(dict[str, Any], self.generator.bit_generator.state)
 
     def __call__(self, seed: int) -> np.random.Generator:
         state = self._state
@@ -99,6 +100,8 @@ class SoftTargetNLLLoss(nn.Module):
 
         loss = SoftTargetNLLLoss()(logits.log_softmax(1), mixed_targets)
     """
+
+    weight: torch.Tensor | None  # buffer, registered in __init__
 
     def __init__(self, weight: torch.Tensor | None = None, reduction: str = "mean") -> None:
         super().__init__()

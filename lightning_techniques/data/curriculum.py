@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,8 @@ from lightning_techniques._internal.step_logging import check_log_flag, log_step
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
 from lightning_techniques.data.labels import find_labels
 
+Pacing = Literal["linear", "root", "geometric", "step"]
+Scorer = Literal["self_paced", "teacher"]
 PACINGS: tuple[str, ...] = ("linear", "root", "geometric", "step")
 SCORERS: tuple[str, ...] = ("self_paced", "teacher")
 
@@ -309,13 +311,13 @@ class CurriculumLearning(SteeringCallback):
 
     def __init__(
         self,
-        difficulty: Sequence[float] | Tensor | str | None = None,
+        difficulty: Sequence[float] | Tensor | Scorer | None = None,
         difficulty_fn: Callable[[Any], float] | None = None,
-        pacing: str | PacingFn = "linear",
+        pacing: Pacing | PacingFn = "linear",
         start_fraction: float = 0.2,
         full_at: int | None = None,
         full_at_fraction: float = 0.5,
-        pace_by: str = "step",
+        pace_by: Literal["step", "epoch"] = "step",
         stages: int = 4,
         anti_curriculum: bool = False,
         balance_classes: bool = False,
@@ -464,7 +466,7 @@ class CurriculumLearning(SteeringCallback):
         if self.pace_by == "epoch":
             pool = max(1, math.ceil(self._fraction(epoch) * n))
 
-            def pool_size(_k: int) -> int:
+            def pool_size(k: int) -> int:
                 return pool
         else:
 

@@ -10,7 +10,7 @@ samples after Cui et al., CVPR 2019), :class:`FocalLoss` (Lin et al., ICCV 2017)
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from lightning_techniques._internal.sampling import SteeringCallback
 from lightning_techniques._internal.validation import check_choice, check_non_negative, check_number, check_positive
 from lightning_techniques.data.labels import class_counts, find_labels
 
+WeightMode = Literal["inverse", "inverse_sqrt", "effective"]
 WEIGHT_MODES: tuple[str, ...] = ("inverse", "inverse_sqrt", "effective")
 
 
@@ -103,7 +104,9 @@ class FocalLoss(_Loss):
     targets (``gamma=0`` equals it).
     """
 
-    def __init__(self, gamma: float = 2.0, weight: Tensor | None = None, reduction: str = "mean",
+    weight: Tensor | None  # buffer, registered in __init__
+
+    def __init__(self, gamma: float = 2.0, weight: Tensor | None = None, reduction: Literal["mean", "sum", "none"] = "mean",
                  ignore_index: int = -100) -> None:
         check_non_negative("gamma", gamma)
         check_choice("reduction", reduction, ["mean", "sum", "none"])
@@ -183,8 +186,8 @@ def global_class_counts(strategy: Any, dataset: Dataset, world_size: int, rank: 
     else:
         _check_same_dataset(strategy, n, owner)
         local = find_labels(dataset, target_key, indices=range(rank, n, world_size))
-    size = torch.tensor([float(local.max()) + 1 if len(local) else 0.0], dtype=torch.float64)
-    size = int(all_reduce_max(strategy, size).item())
+    local_size = torch.tensor([float(local.max()) + 1 if len(local) else 0.0], dtype=torch.float64)
+    size = int(all_reduce_max(strategy, local_size).item())
     if num_classes is not None:
         if size > num_classes:
             raise ValueError(f"{owner}: the labels go up to {size - 1} but num_classes={num_classes}.")
@@ -244,7 +247,7 @@ class ClassWeightedLoss(Callback):
 
     def __init__(
         self,
-        mode: str = "inverse",
+        mode: WeightMode = "inverse",
         beta: float = 0.999,
         focal_gamma: float | None = None,
         normalize: bool = True,
@@ -401,7 +404,7 @@ class Oversampling(SteeringCallback):
 
     def __init__(
         self,
-        mode: str = "inverse",
+        mode: WeightMode = "inverse",
         beta: float = 0.999,
         sample_weights: Sequence[float] | Tensor | None = None,
         replacement: bool = True,
@@ -453,6 +456,7 @@ class Oversampling(SteeringCallback):
         trainer = self._trainer
         weights = self._compute_weights(dataset) if trainer.is_global_zero else None
         self.weights = broadcast_object(trainer.strategy, weights)
+        assert self.weights is not None  # rank 0 computed them; the broadcast delivered them to every rank
         size = self.num_samples or len(dataset)  # type: ignore[arg-type]
         if not self.replacement and size > int((self.weights > 0).sum()):
             raise ValueError(f"Oversampling: num_samples={size} without replacement exceeds the "

@@ -77,8 +77,8 @@ class EpochPermutation:
         check_positive("num_samples", num_samples, integer=True)
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
-        self.num_samples = int(num_samples)
-        self.seed = int(seed)
+        self.num_samples: int = int(num_samples)
+        self.seed: int = int(seed)
 
     def __call__(self, epoch: int) -> list[int]:
         return seeded_permutation(self.num_samples, self.seed + epoch).tolist()

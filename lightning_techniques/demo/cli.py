@@ -90,7 +90,7 @@ class TechniquesCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         self.history = TrainingHistory(print_epochs=trainer.progress_bar_callback is None)
-        trainer.callbacks.append(self.history)
+        trainer.callbacks.append(self.history)  # type: ignore[attr-defined]  # set in Trainer.__init__ by its callback connector; lightning's Trainer does not declare it
         return trainer
 
     def after_fit(self) -> None:

@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -47,9 +47,9 @@ _NEED_2D = ("xavier_uniform", "xavier_normal", "kaiming_normal", "kaiming_unifor
 class InitSpec:
     """How one layer is initialised (see :func:`init_weights` for the meaning of each field)."""
 
-    scheme: str = "kaiming_normal"
-    mode: str = "fan_in"
-    nonlinearity: str = "relu"
+    scheme: Scheme = "kaiming_normal"
+    mode: FanMode = "fan_in"
+    nonlinearity: Nonlinearity = "relu"
     negative_slope: float = 0.0
     gain: float = 1.0
     std: float = 0.02
@@ -133,7 +133,7 @@ def expected_std(spec: InitSpec, weight: torch.Tensor) -> float:
 @torch.no_grad()
 def init_layer_(layer: nn.Module, spec: InitSpec, generator: torch.Generator | None = None) -> None:
     """Initialise ``layer.weight`` (and ``layer.bias``) in place by ``spec`` with ``torch.nn.init``."""
-    weight = layer.weight
+    weight = cast(torch.Tensor, layer.weight)  # a layer with a tensor weight (nn.Module.__getattr__ is typed Tensor | Module)
     scheme = spec.scheme
     if scheme in _NEED_2D and weight.ndim < 2:
         raise ValueError(f"scheme={scheme!r} needs a weight with >= 2 dimensions (fan-in and fan-out); "
@@ -153,8 +153,9 @@ def init_layer_(layer: nn.Module, spec: InitSpec, generator: torch.Generator | N
         nn.init.orthogonal_(weight, gain=spec.gain, generator=generator)
     elif scheme == "zeros":
         nn.init.zeros_(weight)
-    if scheme != "keep" and spec.bias is not None and isinstance(getattr(layer, "bias", None), torch.Tensor):
-        nn.init.constant_(layer.bias, spec.bias)
+    bias = getattr(layer, "bias", None)
+    if scheme != "keep" and spec.bias is not None and isinstance(bias, torch.Tensor):
+        nn.init.constant_(bias, spec.bias)
 
 
 def _resolve_type(spec: str | type[nn.Module], argument: str) -> type[nn.Module]:
@@ -225,8 +226,9 @@ def plan_init(
         raise ValueError(f"no layer to initialise: layer_types={[t.__name__ for t in types]} match nothing. Layers "
                          f"in the model: {_describe_layers(model)}")
     for (name, layer, spec) in plan:
-        if spec.scheme in _NEED_2D and layer.weight.ndim < 2:
-            raise ValueError(f"layer {name!r} ({type(layer).__name__}, weight {tuple(layer.weight.shape)}): scheme "
+        weight = cast(torch.Tensor, layer.weight)  # planned layers have a tensor weight (nn.Module.__getattr__ is typed Tensor | Module)
+        if spec.scheme in _NEED_2D and weight.ndim < 2:
+            raise ValueError(f"layer {name!r} ({type(layer).__name__}, weight {tuple(weight.shape)}): scheme "
                              f"{spec.scheme!r} needs a weight with >= 2 dimensions; use 'normal', 'uniform' or 'keep'.")
     _check_symmetry(plan)
     return plan
@@ -298,9 +300,10 @@ def init_weights(
     records = []
     for name, layer, spec in plan:
         init_layer_(layer, spec, generator)
-        fan_in, fan_out = fans(layer.weight)
+        weight = cast(torch.Tensor, layer.weight)  # planned layers have a tensor weight
+        fan_in, fan_out = fans(weight)
         records.append(InitRecord(name, type(layer).__name__, spec.scheme, fan_in, fan_out,
-                                  float(layer.weight.detach().float().std()) if layer.weight.numel() > 1 else 0.0,
+                                  float(weight.detach().float().std()) if weight.numel() > 1 else 0.0,
                                   spec.bias if spec.scheme != "keep" else None))
     return records
 
@@ -378,7 +381,7 @@ class WeightInit(Callback):
         for key, options in (by_name or {}).items():
             self.defaults.replace(options, f"by_name[{key!r}]")
         self.scheme = scheme
-        self.by_type = dict(by_type) if by_type else None
+        self.by_type: dict[str | type[nn.Module], Any] | None = {k: v for k, v in by_type.items()} if by_type else None
         self.by_name = dict(by_name) if by_name else None
         self.layer_types = tuple(_resolve_type(t, "layer_types") for t in (layer_types or DEFAULT_INIT_TYPES))
         self.mode = mode

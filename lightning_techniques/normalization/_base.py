@@ -8,8 +8,8 @@ Area-internal: the public techniques are :class:`~lightning_techniques.normaliza
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sized
+from typing import Any, Literal, cast
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -22,6 +22,7 @@ from lightning_techniques._internal.batch_transforms import BatchTransformCallba
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.validation import check_choice, check_non_negative, check_positive
 
+Per = Literal["feature", "channel", "global"]
 PER_CHOICES = ("feature", "channel", "global")
 
 
@@ -56,7 +57,7 @@ class _FittedNormalization(BatchTransformCallback):
 
     def __init__(
         self,
-        per: str = "feature",
+        per: Per = "feature",
         eps: float = 1e-8,
         input_key: str | int | None = None,
         fit_batch_size: int = 1024,
@@ -167,9 +168,14 @@ class _FittedNormalization(BatchTransformCallback):
                 "ckpt_path of a checkpoint written with it."
             )
 
-    on_validation_start = _require_fitted
-    on_test_start = _require_fitted
-    on_predict_start = _require_fitted
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._require_fitted()
+
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        self._require_fitted()
+
+    def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
+        self._require_fitted()
 
     def state_dict(self) -> dict[str, Any]:
         return {"per": self.per, "stats": None if self.stats is None else {k: v.clone() for k, v in self.stats.items()}}
@@ -206,7 +212,8 @@ class _FittedNormalization(BatchTransformCallback):
         if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset):
             dataset = loader.dataset
             world, rank = trainer.world_size, trainer.global_rank
-            shard = Subset(dataset, list(range(rank, len(dataset), world))) if world > 1 else dataset
+            # a map-style dataset (not an IterableDataset): sized, though torch's Dataset does not declare __len__
+            shard = Subset(dataset, list(range(rank, len(cast(Sized, dataset)), world))) if world > 1 else dataset
             return iter(DataLoader(shard, batch_size=self.fit_batch_size, shuffle=False, collate_fn=loader.collate_fn))
         if isinstance(loader, (dict, list, tuple)) or compat.is_combined_loader(loader):
             raise TypeError(

@@ -14,7 +14,7 @@ import fnmatch
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -89,11 +89,12 @@ def _agc_(
     if not params:
         zero = torch.zeros(())
         return zero, zero, zero
-    device = params[0].grad.device
+    device = cast(Tensor, params[0].grad).device  # params: those with a gradient (filtered above)
     mats = [p for p in params if p.ndim >= 2]
     vecs = [p for p in params if p.ndim < 2]
     weight_norms = _unit_norm_vector([p.detach() for p in mats], [p.detach() for p in vecs], device)
-    grad_norms = _unit_norm_vector([p.grad for p in mats], [p.grad for p in vecs], device)
+    grad_norms = _unit_norm_vector(cast(list[Tensor], [p.grad for p in mats]), cast(list[Tensor], [p.grad for p in vecs]),
+                                   device)
     max_norm = weight_norms.clamp_min(eps).mul_(clipping)
     before = torch.linalg.vector_norm(grad_norms)
     trigger = grad_norms > max_norm
@@ -105,7 +106,7 @@ def _agc_(
     factors = [piece.view(-1, *([1] * (p.ndim - 1))) for piece, p in zip(pieces, mats)]
     if vecs:
         factors.extend(pieces[-1].unbind())
-    grads = [p.grad for p in mats] + [p.grad for p in vecs]
+    grads = cast(list[Tensor], [p.grad for p in mats] + [p.grad for p in vecs])
     if all(g.dtype == torch.float32 and g.device == device for g in grads):
         torch._foreach_mul_(grads, factors)  # broadcasts each unit's factor over its gradient, one dispatch
     else:
@@ -403,7 +404,7 @@ class AutoClip(_ClippingCallback):
         return self._window.values
 
     def _clip(self, trainer: Any, pl_module: Any, params: list[Tensor]) -> tuple[bool, float, float] | None:
-        grads = [p.grad for p in params]
+        grads = cast(list[Tensor], [p.grad for p in params])  # the parameters with a gradient
         norm = float(grad_norm_tensor(grads))  # the step's one host sync: the history needs the norm
         if not math.isfinite(norm):
             return None

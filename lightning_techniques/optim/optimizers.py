@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -23,6 +23,11 @@ from lightning_techniques._internal.distributed import all_reduce_sum, is_distri
 from lightning_techniques._internal.validation import check_choice, check_non_negative, check_positive
 from lightning_techniques.optim._configure import register_optimizer_provider, unregister
 
+OptimizerName = Literal["adam", "adamw", "amsgrad", "sgd", "nesterov", "rmsprop", "adagrad", "adadelta", "nadam",
+                        "radam", "lbfgs", "rprop", "sparse_adam", "asgd"]
+#: the optimizers for the dense parameters next to SparseAdam (not sparse_adam itself, not lbfgs)
+DenseOptimizerName = Literal["adam", "adamw", "amsgrad", "sgd", "nesterov", "rmsprop", "adagrad", "adadelta", "nadam",
+                             "radam", "rprop", "asgd"]
 #: name -> (optimizer class, default keyword arguments that differ from torch's)
 OPTIMIZERS: dict[str, tuple[type[Optimizer], dict[str, Any]]] = {
     "adam": (torch.optim.Adam, {}),
@@ -154,7 +159,7 @@ class CombinedOptimizer(Optimizer):
     def state(self, value: Any) -> None:  # Optimizer.__init__ assigns an empty state; the children own theirs
         pass
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -167,10 +172,10 @@ class CombinedOptimizer(Optimizer):
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         return {"optimizers": [o.state_dict() for o in self.optimizers]}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         states = state_dict.get("optimizers")
         if not isinstance(states, list) or len(states) != len(self.optimizers):
             raise ValueError(
@@ -224,12 +229,12 @@ class DistributedLBFGS(torch.optim.LBFGS):
 
 def build_optimizer(
     model: nn.Module,
-    name: str = "adamw",
+    name: OptimizerName = "adamw",
     lr: float | None = None,
     weight_decay: float = 0.0,
     no_decay: Iterable[str] = (),
     decay_norm_and_bias: bool = False,
-    dense_optimizer: str = "adamw",
+    dense_optimizer: DenseOptimizerName = "adamw",
     loss_reducer: Callable[[Tensor], Tensor] | None = None,
     **kwargs: Any,
 ) -> Optimizer:
@@ -372,13 +377,13 @@ class OptimizerCallback(Callback):
 
     def __init__(
         self,
-        name: str = "adamw",
+        name: OptimizerName = "adamw",
         lr: float | None = None,
         weight_decay: float = 0.0,
         no_decay: list[str] | None = None,
         decay_norm_and_bias: bool = False,
         optimizer_kwargs: dict[str, Any] | None = None,
-        dense_optimizer: str = "adamw",
+        dense_optimizer: DenseOptimizerName = "adamw",
         asgd_eval_averaged: bool = True,
     ) -> None:
         check_choice("name", name, list(OPTIMIZERS))

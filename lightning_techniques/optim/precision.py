@@ -156,7 +156,7 @@ class SmartMixedPrecision(MixedPrecision):
             else None
         )
         super().__init__("bf16-mixed" if resolved == "32-true" else resolved, device, scaler)
-        self.precision = resolved  # type: ignore[assignment]
+        self.precision = resolved
         self.requested_precision = precision
         self.fp32_modules = list(fp32_modules) if fp32_modules else None
         self.max_consecutive_skips = max_consecutive_skips
@@ -199,7 +199,11 @@ class SmartMixedPrecision(MixedPrecision):
         super().teardown()
 
     # ------------------------------------------------------------------ skipped steps
-    def optimizer_step(self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any) -> Any:
+    # lightning.pytorch's Precision.optimizer_step(optimizer, model, closure) already narrows the fabric base's
+    # optimizer_step(optimizer, **kwargs); mypy reports lightning's own override against the fabric class
+    def optimizer_step(  # type: ignore[override]
+        self, optimizer: Any, model: Any, closure: Callable[[], Any], **kwargs: Any
+    ) -> Any:
         if self.scaler is None:
             return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
         before = float(self.scaler.get_scale())

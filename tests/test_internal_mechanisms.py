@@ -1,4 +1,4 @@
-"""The shared mechanisms of DESIGN.md section 4, each tested on its own on a stock Trainer."""
+"""The shared mechanisms of ARCHITECTURE.md section 4, each tested on its own on a stock Trainer."""
 
 from __future__ import annotations
 

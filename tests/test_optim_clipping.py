@@ -345,3 +345,24 @@ def test_log_false_logs_nothing_and_log_true_logs(make: Any, trainer_kwargs: dic
 def test_log_argument_must_be_a_bool() -> None:
     with pytest.raises(TypeError, match="log must be True or False"):
         AutoClip(log="no")  # type: ignore[arg-type]
+
+
+def test_a_new_module_is_never_given_a_freed_modules_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
+    # regression: the parameter selection was cached by id(pl_module); a new module that reused a freed module's id
+    # (CPython hands freed memory to the next object of the same size) got the old module's parameters, so AutoClip
+    # measured and clipped tensors of a module that no longer trained. Every module gets the same id() here, which is
+    # what an id reuse looks like to such a cache.
+    import lightning_techniques.optim.clipping as clipping
+
+    monkeypatch.setattr(clipping, "id", lambda obj: 1, raising=False)
+    auto = AutoClip(percentile=50, history_size=None)
+    first = nn.Linear(8, 4)
+    for p in first.parameters():
+        p.grad = torch.ones_like(p)
+    auto.on_before_optimizer_step(None, first, None)
+    second = nn.Linear(8, 4)
+    for p in second.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    expected = total_grad_norm(second.parameters())  # before AutoClip clips it (6.0 would be the first module's)
+    auto.on_before_optimizer_step(None, second, None)
+    assert auto.history[-1] == pytest.approx(expected, rel=1e-6)

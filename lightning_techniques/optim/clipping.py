@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import fnmatch
 import math
+import weakref
 from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
@@ -223,7 +224,7 @@ class _ClippingCallback(Callback):
         self.clipped_steps = 0
         self.last_norm_before = 0.0
         self.last_norm_after = 0.0
-        self._param_cache: tuple[int, list[Tensor]] | None = None
+        self._param_cache: tuple[weakref.ref[Any], list[Tensor]] | None = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if compat.is_fsdp(trainer.strategy) or compat.is_deepspeed(trainer.strategy):
@@ -257,9 +258,12 @@ class _ClippingCallback(Callback):
         }
 
     def _selected_params(self, pl_module: Any) -> list[Tensor]:
-        if self._param_cache is None or self._param_cache[0] != id(pl_module):
-            self._param_cache = (id(pl_module), [p for _, p in self._params(pl_module)])
-        return self._param_cache[1]
+        # keyed by a weak reference, not id(): a new module can reuse a freed module's id, and would then be given the
+        # old module's parameters
+        cache = self._param_cache
+        if cache is None or cache[0]() is not pl_module:
+            cache = self._param_cache = (weakref.ref(pl_module), [p for _, p in self._params(pl_module)])
+        return cache[1]
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         params = [p for p in self._selected_params(pl_module) if p.grad is not None]

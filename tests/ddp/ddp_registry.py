@@ -55,7 +55,8 @@ def main() -> None:
         result[entry.name] = {
             "steps": trainer.global_step,
             "weights": {k: v.detach().cpu() for k, v in module.state_dict().items()},
-            "state": {cb.state_key: cb.state_dict() for cb in callbacks},
+            # the entry's own state (companions such as RNGStateCheckpoint have their own entries)
+            "state": {cb.state_key: cb.state_dict() for cb in callbacks if type(cb) is entry.cls},
         }
     recipe = stack_recipe(STACK)
     make_callbacks, make_plugins = split(STACK)

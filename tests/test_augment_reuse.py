@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_techniques import CutMix, ImageAugmentation, InputNoise, MixUp
 from lightning_techniques.demo import DigitsCNN, DigitsDataModule
+from lightning_techniques.mechanisms import BatchTransformCallback
 from lightning_techniques.testing import SimulatedKill, kill_at_step
 
 
@@ -37,6 +38,7 @@ def _changed(seen: _Seen) -> bool:
                                                                           "CutMix"])
 def test_reused_after_a_failed_run_it_transforms_again(make: Any) -> None:
     technique = make()
+    assert isinstance(technique, BatchTransformCallback)  # the mechanism's base owns install/reinstall/removal
     quiet = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                  enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     L.seed_everything(0, verbose=False)

@@ -12,25 +12,30 @@ their dependency when they are constructed and raise an error naming the extra t
 from lightning_techniques import augment as _augment
 from lightning_techniques import data as _data
 from lightning_techniques import evaluation as _evaluation
+from lightning_techniques import finetune as _finetune
 from lightning_techniques import init as _init
 from lightning_techniques import interpret as _interpret
 from lightning_techniques import normalization as _normalization
 from lightning_techniques import optim as _optim
 from lightning_techniques import regularization as _regularization
 from lightning_techniques import reproducibility as _reproducibility
+from lightning_techniques import search as _search
 from lightning_techniques.augment import *  # noqa: F401,F403
 from lightning_techniques.data import *  # noqa: F401,F403
 from lightning_techniques.evaluation import *  # noqa: F401,F403
+from lightning_techniques.finetune import *  # noqa: F401,F403
 from lightning_techniques.init import *  # noqa: F401,F403
 from lightning_techniques.interpret import *  # noqa: F401,F403
 from lightning_techniques.normalization import *  # noqa: F401,F403
 from lightning_techniques.optim import *  # noqa: F401,F403
 from lightning_techniques.regularization import *  # noqa: F401,F403
 from lightning_techniques.reproducibility import *  # noqa: F401,F403
+from lightning_techniques.search import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
 
-_AREAS = [_augment, _data, _evaluation, _init, _interpret, _normalization, _optim, _regularization, _reproducibility]
+_AREAS = [_augment, _data, _evaluation, _finetune, _init, _interpret, _normalization, _optim, _regularization,
+          _reproducibility, _search]
 # The top level exports the techniques and the user-facing helpers (loss modules, export modules, samplers,
 # captures); the functional cores live in ``lightning_techniques.functional``. Importing a core from the top level
 # still works (with a FutureWarning) for code written against 0.1.

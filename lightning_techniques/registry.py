@@ -123,6 +123,9 @@ _NB_QUICK = "00_quickstart"
 _NB_DATA = "01_data_techniques"
 _NB_OPTIM = "02_optimization"
 _NB_EVAL = "03_evaluation_and_interpretation"
+_NB_FINETUNE = "04_finetuning"
+_NB_REG = "05_regularization_and_init"
+_NB_SEARCH = "06_hyperparameter_search"
 _IMBALANCED = {"batch_size": 32, "keep_fraction": {0: 0.1, 1: 0.1}}
 
 REGISTRY: tuple[Technique, ...] = (
@@ -318,6 +321,11 @@ REGISTRY: tuple[Technique, ...] = (
        "Ribeiro, Singh & Guestrin 2016", _NB_EVAL,
        Recipe(kwargs={"every_n_val_epochs": 2, "max_samples": 2, "n_samples": 20, "superpixel_size": 4},
               trainer=EVAL_TRAINER), extra="interpret"),
+    # ------------------------------------------------------------------ issue #13: batch norm (helper REG-A)
+    # ------------------------------------------------------------------ issue #13: adversarial (helper REG-B)
+    # ------------------------------------------------------------------ issue #11: LoRA, QLoRA (helper LORA)
+    # ------------------------------------------------------------------ issue #11: ReLoRA, AdaLoRA, prompts, adapters (helper FT2)
+    # ------------------------------------------------------------------ issue #12: search (helpers OPTUNA, RAY)
 )
 
 BY_NAME: dict[str, Technique] = {entry.name: entry for entry in REGISTRY}

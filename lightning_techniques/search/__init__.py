@@ -1,3 +1,5 @@
 """Hyperparameter search on a stock Trainer: Optuna (pruning callback, search driver) and Ray Tune."""
 
-__all__: list[str] = []
+from lightning_techniques.search.space import SearchSpace, SearchSpaceError
+
+__all__: list[str] = ["SearchSpace", "SearchSpaceError"]

@@ -257,3 +257,41 @@ def test_apply_rejects_incomplete_or_foreign_samples(base: dict) -> None:
         space.apply(base, {"model.lr": 0.01})
     with pytest.raises(KeyError, match="does not have: model.dropout"):
         space.apply(base, {"model.lr": 0.01, "model.channels": 4, "model.dropout": 0.1})
+
+
+def test_check_samples_parses_range_ends_and_every_choice_before_any_trial(base: dict) -> None:
+    from lightning_techniques.search.space import check_samples
+
+    check_samples(SearchSpace.from_yaml(ROOT / "configs/search/digits_space.yaml"), base)
+    # DigitsCNN wants an int
+    with pytest.raises(SearchSpaceError) as info:
+        check_samples(SearchSpace.from_dict({"model.init_args.channels": {"type": "float", "low": 4, "high": 8}}), base)
+    message = str(info.value)
+    assert "model.init_args.channels=4.0" in message and "Expected a <class 'int'>" in message
+    # a choice outside the argument's Literal, found although the other choice parses
+    with pytest.raises(SearchSpaceError) as info:
+        check_samples(SearchSpace.from_dict({"trainer.callbacks.OptimizerCallback.name": {"choices": ["adamw", "sgdd"]}}),
+                      base)
+    assert len(info.value.problems) == 1
+    assert "trainer.callbacks.OptimizerCallback.name='sgdd'" in str(info.value) and "Got value: sgdd" in str(info.value)
+    broken = copy.deepcopy(base)
+    broken["model"]["init_args"]["channels"] = "many"
+    with pytest.raises(SearchSpaceError, match="the base config does not build"):
+        check_samples(SearchSpace.from_dict({"model.lr": {"type": "float", "low": 0.01, "high": 0.1}}), broken)
+
+
+def test_build_from_config_adds_callbacks_and_root_dir(base: dict, tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_techniques.search.space import build_from_config, load_config
+
+    marker = Callback()
+    trainer, model, data = build_from_config(load_config(ROOT / "configs/search/digits.yaml"), callbacks=[marker],
+                                             default_root_dir=tmp_path / "trial_0")
+    assert marker in trainer.callbacks
+    assert trainer.default_root_dir == str(tmp_path / "trial_0")
+    assert [type(cb).__name__ for cb in trainer.callbacks if type(cb).__module__.startswith("lightning_techniques")] \
+        == ["OptimizerCallback", "LRSchedule"]
+    assert type(model).__name__ == "DigitsCNN" and type(data).__name__ == "DigitsDataModule"
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")

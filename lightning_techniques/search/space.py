@@ -719,6 +719,104 @@ def resolve_path(config: Any, path: str, create: bool = False) -> tuple[Any, Any
     return node, None  # pragma: no cover - every path has a last segment
 
 
+# ---------------------------------------------------------------------------------------------------- configs
+def load_config(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """A LightningCLI config as a dict: a YAML file path, or a mapping (deep-copied)."""
+    if isinstance(config, Mapping):
+        return copy.deepcopy(dict(config))
+    if not isinstance(config, (str, Path)):
+        raise TypeError(f"config must be a YAML file path or a mapping, got {type(config).__name__}")
+    import yaml
+
+    path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping (trainer:, model:, data: ...), got {data!r}")
+    return dict(data)
+
+
+def _cli(config: Mapping[str, Any], callbacks: Sequence[Any] = ()) -> Any:
+    import sys
+
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_techniques.demo.cli import TechniquesCLI
+
+    class _SearchCLI(TechniquesCLI):
+        """The ``fit`` CLI's parser and objects, without its per-epoch printing (a search shows one bar)."""
+
+        def instantiate_trainer(self, **kwargs: Any) -> Any:
+            return LightningCLI.instantiate_trainer(self, **kwargs)
+
+    argv = sys.argv
+    sys.argv = argv[:1]  # LightningCLI warns when it gets a config beside a command line
+    try:
+        return _SearchCLI(args=copy.deepcopy(dict(config)), run=False, save_config_callback=None,
+                          trainer_defaults={"callbacks": list(callbacks)} if callbacks else None,
+                          parser_kwargs={"exit_on_error": False})
+    finally:
+        sys.argv = argv
+
+
+def build_from_config(config: Mapping[str, Any], callbacks: Sequence[Any] = (),
+                      default_root_dir: str | Path | None = None) -> tuple[Any, Any, Any]:
+    """``(trainer, model, datamodule)`` built from a LightningCLI config dict exactly as
+    ``lightning-techniques fit --config`` builds them (same parser, ``seed_everything`` and ``torch_threads``
+    applied), with ``callbacks`` (objects) added to the config's and ``default_root_dir`` set when given."""
+    built = copy.deepcopy(dict(config))
+    if default_root_dir is not None:
+        built["trainer"] = dict(built.get("trainer") or {}, default_root_dir=str(default_root_dir))
+    cli = _cli(built, callbacks)
+    return cli.trainer, cli.model, cli.datamodule
+
+
+def _probe_samples(space: SearchSpace) -> list[dict[str, Any]]:
+    """Samples at the ends of every range and through every choice (each conditional branch taken once)."""
+
+    def sample(params: Sequence[Parameter], end: int, forced: Mapping[str, Any]) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for param in params:
+            if param.type == "categorical":
+                value = forced.get(param.name, param.choices[0 if end == 0 else -1])
+                values[param.name] = value
+                values.update(sample(param.branch(value), end, forced))
+            else:
+                values[param.name] = param.low if end == 0 else param.high
+        return values
+
+    probes = [sample(space.parameters, 0, {}), sample(space.parameters, 1, {})]
+    for param in space:
+        if param.type == "categorical":
+            probes += [sample(space.parameters, 0, {param.name: choice}) for choice in param.choices]
+    unique: list[dict[str, Any]] = []
+    for probe in probes:
+        if probe not in unique:
+            unique.append(probe)
+    return unique
+
+
+def check_samples(space: SearchSpace, config: Mapping[str, Any]) -> None:
+    """Check, before any trial, that the base config builds and that the config parses (LightningCLI's own
+    type checks: an int argument given a float, a choice outside a ``Literal``) with every range at both ends and
+    every choice taken. Raises :class:`SearchSpaceError` naming the sample and the parser's complaint."""
+    space.check(config)
+    try:
+        cli = _cli(config)
+    except Exception as err:  # noqa: BLE001 - reported with its message; the config itself is wrong
+        raise SearchSpaceError([f"the base config does not build: {type(err).__name__}: {err}"]) from err
+    problems: list[str] = []
+    for values in _probe_samples(space):
+        try:
+            cli.parser.parse_object(space.apply(config, values))
+        except Exception as err:  # noqa: BLE001 - jsonargparse raises ArgumentError; any failure is reported
+            shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
+            problems.append(f"the config does not parse with {shown}: {err}")
+    if problems:
+        raise SearchSpaceError(problems)
+
+
 def get_path(config: Mapping[str, Any], path: str) -> Any:
     """The value at ``path`` in ``config`` (``None`` when the config leaves it to the class's default)."""
     container, key = resolve_path(config, path)

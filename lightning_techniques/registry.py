@@ -326,6 +326,13 @@ REGISTRY: tuple[Technique, ...] = (
     # ------------------------------------------------------------------ issue #11: LoRA, QLoRA (helper LORA)
     # ------------------------------------------------------------------ issue #11: ReLoRA, AdaLoRA, prompts, adapters (helper FT2)
     # ------------------------------------------------------------------ issue #12: search (helpers OPTUNA, RAY)
+    _t("OptunaPruning", "search",
+       "Reports a logged metric to an Optuna trial at every validation (by global step: several per epoch work) and "
+       "stops unpromising runs on every rank at once (trial on rank 0 only, decision broadcast under DDP); never "
+       "reports a step twice after a resume; a monitor the module never logs fails at the first validation",
+       "Akiba, Sano, Yanase, Ohta & Koyama 2019 (Optuna); Jamieson & Talwalkar 2016; Li et al. 2018", _NB_QUICK,
+       # the recipe's callback has no trial of its own: it reports into a one-trial in-memory study (never prunes)
+       Recipe(kwargs={"monitor": "val_loss"}, trainer=EVAL_TRAINER), extra="hpo"),
 )
 
 BY_NAME: dict[str, Technique] = {entry.name: entry for entry in REGISTRY}

@@ -1,5 +1,6 @@
 """Hyperparameter search on a stock Trainer: Optuna (pruning callback, search driver) and Ray Tune."""
 
+from lightning_techniques.search.pruning import OptunaPruning
 from lightning_techniques.search.space import SearchSpace, SearchSpaceError
 
-__all__: list[str] = ["SearchSpace", "SearchSpaceError"]
+__all__: list[str] = ["OptunaPruning", "SearchSpace", "SearchSpaceError"]

@@ -1,6 +1,10 @@
 """``lightning-techniques``: Lightning's own LightningCLI over the demo models and datamodules.
 
     lightning-techniques fit --config configs/digits.yaml
+    lightning-techniques search --config configs/search/digits.yaml --space configs/search/digits_space.yaml
+
+``search`` runs an Optuna hyperparameter search over a config like ``fit``'s (``--help`` lists its options; see
+:mod:`lightning_techniques.search.optuna_search`).
 
 Techniques are named in YAML under ``trainer.callbacks`` (``class_path`` / ``init_args``). On top of a plain
 LightningCLI, ``fit``:
@@ -134,7 +138,13 @@ class TechniquesCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point (``search``: the Optuna search, :mod:`lightning_techniques.search`)."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["search"]:
+        from lightning_techniques.search.optuna_search import search_main
+
+        search_main(argv[1:])
+        return
     TechniquesCLI(args=args)
 
 

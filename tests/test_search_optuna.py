@@ -442,3 +442,19 @@ def test_best_config_of_a_conditional_space_has_only_the_branch_taken(config: di
     args = result.best_config["trainer"]["callbacks"][0]["init_args"]
     assert args["name"] == optimizer and args["lr"] == result.best_params[f"{optimizer}_lr"]
     assert {k for k in result.best_params if k.endswith("_lr")} == {f"{optimizer}_lr"}
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_trials_rank_zero_searches_and_rank_one_replays(tmp_path: Path) -> None:
+    from lightning_techniques.testing import assert_ranks_agree, run_ddp_script
+
+    results = run_ddp_script(Path(__file__).parent / "ddp" / "ddp_search_driver.py", tmp_path)
+    assert_ranks_agree(results, keys=["runs", "finished"])
+    rank0, rank1 = results
+    assert rank0["returned"] and not rank1["returned"]  # rank 1 never opened the study
+    assert rank0["states"] == ["COMPLETE", "PRUNED", "COMPLETE"]
+    assert [run["lr"] for run in rank1["runs"]] == rank0["params"]  # rank 1 trained rank 0's values
+    steps = [run["global_step"] for run in rank1["runs"]]
+    assert steps == [8, 4, 8]  # the pruned trial stopped on both ranks at the same step
+    assert [run["pruned"] for run in rank1["runs"]] == [False, True, False]

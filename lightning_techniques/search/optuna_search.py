@@ -29,6 +29,7 @@ Outputs in ``out``: ``study.db`` (the default storage), ``trials/trial_<n>/`` (e
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -242,6 +243,79 @@ def _fit(trainer: Any, module: Any, data: Any) -> None:
                         f"{type(data).__name__}")
 
 
+def _trial_objects(trial: Any, pruning_trial: Any, build: Callable[[Any], Any] | None, space: SearchSpace | None,
+                   base: Mapping[str, Any] | None, metric: str, out: Path) -> tuple[Any, Any, Any, OptunaPruning]:
+    """The trial's (trainer, module, data, pruning callback): from the config + space, or from ``build``."""
+    if base is not None and space is not None:
+        values = space.suggest(trial)
+        pruning = OptunaPruning(pruning_trial, monitor=metric)
+        trainer, module, data = build_from_config(space.apply(base, values), callbacks=[pruning],
+                                                  default_root_dir=out / "trials" / f"trial_{trial.number}")
+        return trainer, module, data, pruning
+    assert build is not None
+    built = build(trial)
+    if not isinstance(built, (tuple, list)) or len(built) not in (2, 3):
+        raise TypeError("build(trial) must return (trainer, module) or (trainer, module, datamodule), got "
+                        f"{type(built).__name__}")
+    trainer, module = built[0], built[1]
+    data = built[2] if len(built) == 3 else None
+    return trainer, module, data, _pruning_callback(trainer, trial, metric)
+
+
+# A trial whose Trainer runs several processes (strategy="ddp", devices=2): Lightning's launcher starts the other
+# ranks at the first fit by running the same command again, with the environment of rank 0. Rank 0 puts the first
+# trial's parameters into the environment; later trials' parameters go over the process group, which Lightning keeps
+# between Trainers. The other ranks replay each trial with an optuna FixedTrial (the same build, the same values),
+# their OptunaPruning follows rank 0's decisions, and a final message (None) ends them.
+_DDP_TRIAL_ENV = "LIGHTNING_TECHNIQUES_SEARCH_TRIAL"
+
+
+class _DDPLeader:
+    """Rank 0's side of the protocol above."""
+
+    def __init__(self) -> None:
+        self.waiting = False  # the other ranks finished a trial and wait for the next message
+
+    def before_fit(self, trainer: Any, trial: Any) -> None:
+        if getattr(trainer, "world_size", 1) <= 1:
+            return
+        message = json.dumps({"number": trial.number, "params": dict(trial.params)})
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list([message], src=0)
+            self.waiting = False
+        else:
+            os.environ[_DDP_TRIAL_ENV] = message  # the launcher copies it into the other ranks' environment
+
+    def after_fit(self, trainer: Any) -> None:
+        self.waiting = getattr(trainer, "world_size", 1) > 1
+
+    def release(self) -> None:
+        if not self.waiting:
+            return
+        import torch.distributed as dist
+
+        dist.broadcast_object_list([None], src=0)
+        self.waiting = False
+
+
+def _follow(message: dict[str, Any], build: Callable[[Any], Any] | None, space: SearchSpace | None,
+            base: Mapping[str, Any] | None, metric: str, out: Path) -> None:
+    """The other ranks' side: train each trial rank 0 announces until it says stop."""
+    import optuna
+    import torch.distributed as dist
+
+    current: dict[str, Any] | None = message
+    while current is not None:
+        trial = optuna.trial.FixedTrial(current["params"], number=current["number"])
+        trainer, module, data, _ = _trial_objects(trial, None, build, space, base, metric, out)
+        _fit(trainer, module, data)
+        received: list[Any] = [None]
+        dist.broadcast_object_list(received, src=0)
+        current = None if received[0] is None else json.loads(received[0])
+
+
 def optuna_search(
     build: Callable[[Any], Any] | None = None,
     *,
@@ -264,7 +338,7 @@ def optuna_search(
     show_progress_bar: bool = True,
     plots: bool = True,
     quiet: bool = True,
-) -> SearchResult:
+) -> SearchResult | None:
     """Run (or continue) an Optuna study whose trials are Lightning runs; see the module docstring.
 
     Args:
@@ -287,6 +361,11 @@ def optuna_search(
             run again with the same values up to ``max_retry`` times.
         show_progress_bar: Optuna's progress bar over the trials. ``plots``: write the study's plots.
         quiet: hide Lightning's per-run INFO lines during the search.
+
+    DDP: a trial's Trainer may run several processes on one machine (``strategy="ddp"``, ``devices=2``, Lightning's
+    own launcher): rank 0 runs the search and tells the other ranks each trial's values, their ``OptunaPruning``
+    follows rank 0's decision, and ``optuna_search`` returns ``None`` on those ranks. Several *trials* in parallel:
+    start more workers on the same storage instead.
 
     Errors found before the first trial: ``build`` and ``config``/``space`` both or neither given; an unknown path,
     an empty or inverted range, a value the config's classes reject (:class:`SearchSpaceError`); a missing metric or
@@ -348,6 +427,18 @@ def optuna_search(
     if base is not None and parsed is not None:
         with _quiet_lightning(quiet):
             check_samples(parsed, base)  # unknown paths, values the config's classes reject: before any trial
+    first = os.environ.get(_DDP_TRIAL_ENV)
+    if first is not None and int(os.environ.get("LOCAL_RANK", "0")) > 0:
+        # a DDP rank Lightning launched for one of rank 0's trials: train what rank 0 says, touch no storage
+        with _quiet_lightning(quiet), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            _follow(json.loads(first), build, parsed, base, metric, out)
+        return None
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("RANK", "0")) > 0:
+        raise RuntimeError(
+            "optuna_search was started on a rank other than 0 by an external launcher (torchrun, SLURM, ...): a "
+            "search runs in one process, and Lightning's own DDP launcher starts the other ranks of each trial. "
+            "Start the search as a plain process (strategy='ddp' in the trial's Trainer is fine).")
     storage_obj = open_storage(storage, out, heartbeat_interval, grace_period, max_retry)
     study = optuna.create_study(storage=storage_obj, sampler=sampler_obj, pruner=pruner_obj, study_name=study_name,
                                 direction=goal, load_if_exists=True)
@@ -362,25 +453,13 @@ def optuna_search(
         study.set_user_attr("metric", metric)
 
     # ----------------------------------------------------------------------------------------- trials
-    trials_dir = out / "trials"
+    ddp = _DDPLeader()
 
     def objective(trial: Any) -> float:
-        root = trials_dir / f"trial_{trial.number}"
-        if base is not None and parsed is not None:
-            values = parsed.suggest(trial)
-            pruning = OptunaPruning(trial, monitor=metric)
-            trainer, module, data = build_from_config(parsed.apply(base, values), callbacks=[pruning],
-                                                      default_root_dir=root)
-        else:
-            assert build is not None
-            built = build(trial)
-            if not isinstance(built, (tuple, list)) or len(built) not in (2, 3):
-                raise TypeError("build(trial) must return (trainer, module) or (trainer, module, datamodule), got "
-                                f"{type(built).__name__}")
-            trainer, module = built[0], built[1]
-            data = built[2] if len(built) == 3 else None
-            pruning = _pruning_callback(trainer, trial, metric)
+        trainer, module, data, pruning = _trial_objects(trial, trial, build, parsed, base, metric, out)
+        ddp.before_fit(trainer, trial)
         _fit(trainer, module, data)
+        ddp.after_fit(trainer)
         return _trial_value(trainer, pruning, metric, goal, score)
 
     finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -390,8 +469,11 @@ def optuna_search(
     if remaining != 0:
         with _quiet_lightning(quiet), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=callbacks,
-                           show_progress_bar=show_progress_bar)
+            try:
+                study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=callbacks,
+                               show_progress_bar=show_progress_bar)
+            finally:
+                ddp.release()
     return summarize(study, out, space=parsed, config=base, plots=plots)
 
 
@@ -482,7 +564,7 @@ def write_plots(study: Any, out: str | Path) -> tuple[dict[str, Path], dict[str,
 
 
 # ---------------------------------------------------------------------------------------------------- command line
-def search_main(argv: list[str] | None = None) -> SearchResult:
+def search_main(argv: list[str] | None = None) -> SearchResult | None:
     """``lightning-techniques search --config CONFIG --space SPACE [options]``: :func:`optuna_search` in config
     mode, then a summary (best value and values, the ready-to-run best config, the plots, how to continue)."""
     import argparse
@@ -525,6 +607,8 @@ def search_main(argv: list[str] | None = None) -> SearchResult:
                                plots=not args.no_plots, show_progress_bar=not args.no_progress_bar)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
         parser.exit(2, f"lightning-techniques search: error: {err}\n")
+    if result is None:  # a DDP rank other than 0: rank 0 reports
+        return None
     study = result.study
     counts = ", ".join(f"{n} {state}" for state, n in result.counts.items() if n)
     print()

@@ -270,6 +270,35 @@ def test_a_study_with_another_direction_or_metric_is_refused(config: dict, tmp_p
 
 
 # ---------------------------------------------------------------------------------------------------- storage, kill
+def test_two_workers_creating_a_new_database_at_once_both_open_it(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the second of two workers starting on a new database lost the race to insert Optuna's schema
+    version (sqlite3.IntegrityError: UNIQUE constraint failed: alembic_version.version_num) and stopped; now it
+    opens the database the winner created."""
+    import sqlalchemy.exc
+
+    from lightning_techniques.search.optuna_search import open_storage
+
+    real = optuna.storages.RDBStorage
+    calls = []
+
+    def racing(url: str, **kwargs: Any) -> Any:
+        calls.append(url)
+        if len(calls) == 1:
+            real(url, **kwargs)  # the other worker creates the tables ...
+            raise sqlalchemy.exc.IntegrityError("INSERT INTO alembic_version", {}, Exception(
+                "UNIQUE constraint failed: alembic_version.version_num"))  # ... and this one loses the race
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    storage = open_storage(None, tmp_path, heartbeat_interval=None)
+    assert isinstance(storage, real) and len(calls) == 2
+    monkeypatch.setattr(optuna.storages, "RDBStorage", lambda url, **kw: (_ for _ in ()).throw(
+        sqlalchemy.exc.OperationalError("connect", {}, Exception("unable to open database file"))))
+    with pytest.raises(ValueError, match="cannot be opened: OperationalError"):
+        open_storage(None, tmp_path, heartbeat_interval=None)  # other errors are not retried
+
+
 WORKER = textwrap.dedent('''
     import os, sys, time
     from pathlib import Path

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -163,10 +164,20 @@ def open_storage(storage: str | os.PathLike[str] | Any | None, out: Path, heartb
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             retry = retry_class(max_retry=max_retry) if max_retry > 0 and heartbeat_interval else None
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period if heartbeat_interval else None, heartbeat_stale_trial_callback=retry,
-            )
+            for attempt in range(6):
+                try:
+                    return optuna.storages.RDBStorage(
+                        url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                        grace_period=grace_period if heartbeat_interval else None,
+                        heartbeat_stale_trial_callback=retry,
+                    )
+                except Exception as err:  # noqa: BLE001 - only the table-creation race is retried
+                    # two workers starting on a new database both create Optuna's tables: the loser's INSERT of the
+                    # schema version fails (UNIQUE constraint / duplicate key); the tables exist now, so open again
+                    text = str(err).lower()
+                    if attempt == 5 or not ("unique" in text or "duplicate" in text or "already exists" in text):
+                        raise
+                    time.sleep(0.2 * (attempt + 1))
     except Exception as err:  # noqa: BLE001 - sqlalchemy/driver errors of every kind: name the storage
         shown = _hide_password(url)
         raise ValueError(f"storage {shown!r} cannot be opened: {type(err).__name__}: {str(err).splitlines()[0]}") \

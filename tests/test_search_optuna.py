@@ -198,7 +198,7 @@ def _no_trial_ran(out: Path) -> bool:
     ({"space": {"model.init_args.channels": {"type": "int", "low": 8, "high": 8}}}, SearchSpaceError,
      "empty range: low == high == 8"),
     ({"space": {"trainer.callbacks.EarlyStopping.patience": {"type": "int", "low": 1, "high": 3}}},
-     SearchSpaceError, "trainer.callbacks has no EarlyStopping; it has: OptimizerCallback, LRSchedule"),
+     SearchSpaceError, "trainer.callbacks has no EarlyStopping; it has: OptimizerCallback, LRSchedule, LSUVInit"),
     ({"storage": "sqlite:////nonexistent-folder/x/study.db"}, ValueError,
      "storage 'sqlite:////nonexistent-folder/x/study.db' cannot be opened"),
     ({"storage": "postgresql+psycopg2://user:secret@127.0.0.1:1/db"}, ValueError,

@@ -94,7 +94,7 @@ def test_path_syntax_class_name_index_and_whole_class_path(base: dict) -> None:
     assert get_path(config, "trainer.gradient_clip_val") is None  # a Trainer argument the config does not set
     with pytest.raises(KeyError, match=r"2 LRSchedule entries: pick one with LRSchedule\[0\]"):
         resolve_path(config, "trainer.callbacks.LRSchedule.warmup_fraction")
-    with pytest.raises(KeyError, match=r"3 element"):
+    with pytest.raises(KeyError, match=r"4 element"):
         resolve_path(config, "trainer.callbacks[5].x")
 
 
@@ -124,7 +124,7 @@ def test_unknown_paths_are_reported_together_with_what_exists(base: dict) -> Non
     assert "model.init_args.lrr: DigitsCNN (lightning_techniques.demo.DigitsCNN) takes no argument 'lrr'" in message
     assert "channels, dropout, lr, num_classes, optimizer, weight_decay" in message  # followed through **kwargs
     assert "LRSchedule (lightning_techniques.LRSchedule) takes no argument 'warmup_fractio'" in message
-    assert "trainer.callbacks has no EarlyStopping; it has: OptimizerCallback, LRSchedule" in message
+    assert "trainer.callbacks has no EarlyStopping; it has: OptimizerCallback, LRSchedule, LSUVInit" in message
     assert "lightning.Trainer takes no argument 'max_epoch'" in message
     assert "the config has no 'optimizer'; it has: seed_everything, torch_threads, trainer, model, data" in message
     assert isinstance(info.value, ValueError)
@@ -291,7 +291,7 @@ def test_build_from_config_adds_callbacks_and_root_dir(base: dict, tmp_path: Pat
     assert marker in trainer.callbacks
     assert trainer.default_root_dir == str(tmp_path / "trial_0")
     assert [type(cb).__name__ for cb in trainer.callbacks if type(cb).__module__.startswith("lightning_techniques")] \
-        == ["OptimizerCallback", "LRSchedule"]
+        == ["OptimizerCallback", "LRSchedule", "LSUVInit"]
     assert type(model).__name__ == "DigitsCNN" and type(data).__name__ == "DigitsDataModule"
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")

@@ -99,6 +99,26 @@ def test_cli_search_end_to_end(config: dict, tmp_path: Path, capsys: pytest.Capt
     assert len(study.trials) == 4 and {t.number: t.value for t in study.trials[:3]} == values
 
 
+def test_a_time_budget_ends_the_search(config: dict, tmp_path: Path) -> None:
+    start = time.monotonic()
+    result = optuna_search(config=config, space=SPACE, timeout=1.0, sampler="random", pruner="none",
+                           out=tmp_path / "out", plots=False, show_progress_bar=False)
+    assert result is not None and result.counts["complete"] >= 1
+    assert time.monotonic() - start < 30  # stops after the trial running when the budget is spent
+
+
+def test_cli_reports_bad_input_as_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from lightning_techniques.demo.cli import main
+
+    (tmp_path / "space.yaml").write_text("model.init_args.lr: {type: float, low: 0.1, high: 0.01}\n")
+    with pytest.raises(SystemExit) as info:
+        main(["search", "--config", str(ROOT / "configs/search/digits.yaml"), "--space", str(tmp_path / "space.yaml"),
+              "--metric", "val_acc", "--direction", "maximize", "--n-trials", "2", "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    assert "lightning-techniques search: error: invalid search space" in capsys.readouterr().err
+    assert _no_trial_ran(tmp_path / "out")
+
+
 def test_build_function_mode_adds_pruning_and_scores_the_best_validation(tmp_path: Path) -> None:
     seen: list[Any] = []
 

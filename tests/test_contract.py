@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import pytest
+import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import Precision
@@ -23,14 +24,17 @@ from lightning.pytorch.plugins.precision import Precision
 import lightning_techniques as lt
 from lightning_techniques import registry
 from lightning_techniques._internal.conflicts import LIGHTNING_CALLBACKS, MECHANISMS
+from lightning_techniques.demo import DigitsCNN, DigitsDataModule
 from lightning_techniques.registry import CONTRACT_POINTS, REGISTRY, SHARED_MECHANISMS, Technique
 from lightning_techniques.testing import assert_exact_resume, build_from_yaml
 from lightning_techniques.testing.contract import (
     assert_exact_resume_epochs,
     assert_fingerprints_equal,
     assert_picklable,
+    declared_changes,
     kill_at_step,
     module_fingerprint,
+    without_declared_changes,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,15 +149,16 @@ def test_exact_resume_max_epochs_killed_mid_epoch(entry: Technique, tmp_path: Pa
 
 
 # --------------------------------------------------------------------------------------------- module untouched
-_BASELINES: dict[tuple[Any, ...], tuple[dict, dict]] = {}
+_BASELINES: dict[tuple[Any, ...], tuple[dict, dict, tuple, tuple]] = {}
 
 
-def _fit_fingerprints(entry: Technique, with_technique: bool, tmp_path: Path) -> tuple[dict, dict]:
-    """Fingerprints of the recipe's module after a full fit and after a fit killed at step 2."""
+def _fit_fingerprints(entry: Technique, with_technique: bool, tmp_path: Path) -> tuple[dict, dict, tuple, tuple]:
+    """Fingerprints of the recipe's module after a full fit and after a fit killed at step 2, and the module paths
+    the techniques declared they changed in each (``changes_module``/``changed_paths``: fine-tuning adapters)."""
     recipe = entry.recipe
     assert recipe is not None
     made = factories(entry)
-    prints = []
+    prints, changed = [], []
     for kill in (False, True):
         L.seed_everything(0, verbose=False)
         module, data = made["make_module"](), made["make_datamodule"]()
@@ -171,7 +176,8 @@ def _fit_fingerprints(entry: Technique, with_technique: bool, tmp_path: Path) ->
             assert not kill, "the kill did not happen"
         assert_picklable(module)
         prints.append(module_fingerprint(module))
-    return prints[0], prints[1]
+        changed.append(declared_changes(callbacks + list(plugins or [])))
+    return prints[0], prints[1], changed[0], changed[1]
 
 
 @pytest.mark.parametrize("entry", registry.entries("module_untouched"), ids=_ids(registry.entries("module_untouched")))
@@ -182,10 +188,66 @@ def test_module_untouched_after_fit_and_after_an_exception(entry: Technique, tmp
            tuple(sorted(recipe.trainer.items())))
     if key not in _BASELINES:
         _BASELINES[key] = _fit_fingerprints(entry, False, tmp_path / "baseline")
-    clean_fit, clean_killed = _BASELINES[key]
-    fit, killed = _fit_fingerprints(entry, True, tmp_path / "technique")
-    assert_fingerprints_equal(clean_fit, fit, f"{entry.name}: module after fit")
-    assert_fingerprints_equal(clean_killed, killed, f"{entry.name}: module after an exception mid-fit")
+    clean_fit, clean_killed, _, _ = _BASELINES[key]
+    fit, killed, changed_fit, changed_killed = _fit_fingerprints(entry, True, tmp_path / "technique")
+    # a technique that changes the module on purpose (``changes_module``) may differ only at its declared paths
+    assert bool(changed_fit) == bool(getattr(entry.cls, "changes_module", False)), (
+        f"{entry.name}: changes_module={getattr(entry.cls, 'changes_module', False)} but changed_paths={changed_fit}")
+    assert_fingerprints_equal(clean_fit, fit, f"{entry.name}: module after fit", changed_paths=changed_fit)
+    assert_fingerprints_equal(clean_killed, killed, f"{entry.name}: module after an exception mid-fit",
+                              changed_paths=changed_killed)
+
+
+class _SwapHead(Callback):
+    """A throwaway technique that changes the module on purpose and declares it: the head becomes a new layer
+    (frozen weight), and (``stray=True``) it also leaves a hook elsewhere - which the contract must catch."""
+
+    changes_module = True
+
+    def __init__(self, stray: str = "") -> None:
+        self.stray = stray
+        self._changed: tuple[str, ...] = ()
+
+    @property
+    def changed_paths(self) -> tuple[str, ...]:
+        return self._changed
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        old = pl_module.head
+        pl_module.head = torch.nn.Sequential(torch.nn.Linear(old.in_features, old.out_features))
+        pl_module.head[0].weight.requires_grad_(False)
+        self._changed = ("head",)
+        if self.stray == "hook":
+            pl_module.features[0].register_forward_hook(lambda *args: None)
+        elif self.stray == "frozen":
+            pl_module.features[0].weight.requires_grad_(False)
+        elif self.stray == "attribute":
+            pl_module.adapter_note = "left behind"
+
+
+@pytest.mark.parametrize("stray", ["", "hook", "frozen", "attribute"])
+def test_declared_change_allows_only_the_declared_paths(stray: str, tmp_path: Path) -> None:
+    def fit(callbacks: list[Callback]) -> dict:
+        L.seed_everything(0, verbose=False)
+        module = DigitsCNN(channels=4)
+        quiet_trainer(max_steps=2, limit_val_batches=0, callbacks=callbacks, default_root_dir=str(tmp_path)).fit(
+            module, datamodule=DigitsDataModule(batch_size=32))
+        return module_fingerprint(module)
+
+    clean = fit([])
+    swap = _SwapHead(stray)
+    changed = fit([swap])
+    assert declared_changes([swap, Callback()]) == ("head",)
+    with pytest.raises(AssertionError):  # without the declaration, the change itself is a difference
+        assert_fingerprints_equal(clean, changed)
+    if not stray:
+        assert_fingerprints_equal(clean, changed, changed_paths=declared_changes([swap]))
+    else:
+        with pytest.raises(AssertionError):
+            assert_fingerprints_equal(clean, changed, changed_paths=declared_changes([swap]))
+    # a path prefix is not a parent: "head" does not cover a sibling named "header"
+    assert not declared_changes([]) and "header.weight" in without_declared_changes(
+        {"<state_dict keys>": ["head.weight", "header.weight"]}, ("head",))["<state_dict keys>"]
 
 
 def test_one_version_string() -> None:

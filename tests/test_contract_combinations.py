@@ -22,6 +22,7 @@ from lightning_techniques.testing.contract import (
     assert_exact_resume_epochs,
     assert_fingerprints_equal,
     assert_picklable,
+    declared_changes,
     module_fingerprint,
 )
 
@@ -77,17 +78,21 @@ def conflicting(a: Technique, b: Technique) -> bool:
     return b.name in a.conflicts_with or a.name in b.conflicts_with
 
 
-def fit_fingerprint(recipe: Recipe, techniques: list[Technique], tmp_path: Path, steps: int = 4) -> dict:
+def fit_fingerprint(recipe: Recipe, techniques: list[Technique], tmp_path: Path,
+                    steps: int = 4) -> tuple[dict, tuple[str, ...]]:
+    """The module's fingerprint after a ``steps``-step run with ``techniques``, and the module paths they declared
+    they changed (``changes_module``/``changed_paths``: fine-tuning adapters)."""
     make_callbacks, make_plugins = split(techniques)
     L.seed_everything(0, verbose=False)
     module = recipe.build_module()
-    trainer = _quiet(max_steps=steps, callbacks=make_callbacks(), plugins=make_plugins() or None,
+    callbacks, plugins = make_callbacks(), make_plugins()
+    trainer = _quiet(max_steps=steps, callbacks=callbacks, plugins=plugins or None,
                      default_root_dir=str(tmp_path), **recipe.trainer)
     trainer.fit(module, datamodule=recipe.build_data())
     stops = any("stopping" in entry.takes_over for entry in techniques)  # EarlyStopping may end the run sooner
     assert trainer.global_step == steps or (stops and trainer.should_stop), trainer.global_step
     assert_picklable(module)
-    return module_fingerprint(module)
+    return module_fingerprint(module), declared_changes(callbacks + plugins)
 
 
 class _RefuseAtSetup(Callback):
@@ -139,7 +144,7 @@ def test_pair(pair: tuple[Technique, Technique], tmp_path: Path) -> None:
                                    total_steps=6, split_step=3, trainer_kwargs=recipe.trainer, make_plugins=make_plugins)
     assert_picklable(straight["module"])
     assert_fingerprints_equal(clean_fingerprint(recipe, tmp_path), module_fingerprint(straight["module"]),
-                              "module after fit")
+                              "module after fit", changed_paths=declared_changes(straight["callbacks"]))
 
 
 _CLEAN: dict[str, dict] = {}
@@ -149,7 +154,7 @@ def clean_fingerprint(recipe: Recipe, tmp_path: Path) -> dict:
     """The module's fingerprint after the same 6-step run with no technique (cached per recipe)."""
     key = repr(recipe)
     if key not in _CLEAN:
-        _CLEAN[key] = fit_fingerprint(recipe, [], tmp_path / "clean", steps=6)
+        _CLEAN[key] = fit_fingerprint(recipe, [], tmp_path / "clean", steps=6)[0]
     return _CLEAN[key]
 
 
@@ -205,8 +210,9 @@ def test_stack_is_large() -> None:
 def test_stack_fits_resumes_and_leaves_the_module_untouched(order: str, tmp_path: Path) -> None:
     techniques = STACK if order == "forward" else list(reversed(STACK))
     recipe = stack_recipe(techniques)
-    clean = fit_fingerprint(recipe, [], tmp_path / "clean")
-    assert_fingerprints_equal(clean, fit_fingerprint(recipe, techniques, tmp_path / "stack"), f"stack ({order})")
+    clean, _ = fit_fingerprint(recipe, [], tmp_path / "clean")
+    stacked, changed = fit_fingerprint(recipe, techniques, tmp_path / "stack")
+    assert_fingerprints_equal(clean, stacked, f"stack ({order})", changed_paths=changed)
     make_callbacks, make_plugins = split(techniques)
     if order == "forward":
         assert_exact_resume(recipe.build_module, recipe.build_data, make_callbacks, tmp_path / "steps",

@@ -70,8 +70,42 @@ def assert_picklable(module: nn.Module) -> None:
     torch.save(module, io.BytesIO())
 
 
-def assert_fingerprints_equal(expected: Mapping[str, Any], got: Mapping[str, Any], what: str = "module") -> None:
-    """Compare two :func:`module_fingerprint` results, naming the first difference."""
+def declared_changes(techniques: Sequence[Any]) -> tuple[str, ...]:
+    """The module paths that techniques changed on purpose: the ``changed_paths`` of every object whose class
+    declares ``changes_module = True`` (fine-tuning adapters, layer swaps), in order, without repeats."""
+    paths: list[str] = []
+    for technique in techniques:
+        if getattr(type(technique), "changes_module", False):
+            for path in technique.changed_paths:
+                if path not in paths:
+                    paths.append(path)
+    return tuple(paths)
+
+
+def _under(key: str, paths: Sequence[str]) -> bool:
+    """Whether a fingerprint key / ``state_dict`` key is at or under one of ``paths`` (``""`` is the root)."""
+    key = "" if key == "<root>" else key
+    return any(key == path or (path and key.startswith(path + ".")) for path in paths)
+
+
+def without_declared_changes(fingerprint: Mapping[str, Any], changed_paths: Sequence[str]) -> dict[str, Any]:
+    """``fingerprint`` without its entries at or under ``changed_paths`` (submodule entries and ``state_dict``
+    keys); everything else stays, so comparing the results checks "nothing but the declared change"."""
+    kept = {key: value for key, value in fingerprint.items()
+            if key == "<state_dict keys>" or not _under(key, changed_paths)}
+    if "<state_dict keys>" in kept:
+        kept["<state_dict keys>"] = [key for key in kept["<state_dict keys>"]
+                                     if not _under(key.rsplit(".", 1)[0] if "." in key else "", changed_paths)]
+    return kept
+
+
+def assert_fingerprints_equal(expected: Mapping[str, Any], got: Mapping[str, Any], what: str = "module",
+                              changed_paths: Sequence[str] = ()) -> None:
+    """Compare two :func:`module_fingerprint` results, naming the first difference. ``changed_paths`` (see
+    :func:`declared_changes`): differences at or under these module paths are allowed - a technique that changes
+    the module on purpose declares where - and everything else must be exactly as before."""
+    if changed_paths:
+        expected, got = without_declared_changes(expected, changed_paths), without_declared_changes(got, changed_paths)
     assert_same(dict(expected), dict(got), what)
 
 

@@ -98,6 +98,12 @@ class Technique:
     def conflicts_with(self) -> tuple[str, ...]:
         return tuple(getattr(self.cls, "conflicts_with", ()))
 
+    @property
+    def changes_module(self) -> bool:
+        """Whether the technique changes the module on purpose (fine-tuning adapters, layer swaps): its objects then
+        report the paths they changed in ``changed_paths``, and "module untouched" means "nothing but those"."""
+        return bool(getattr(self.cls, "changes_module", False))
+
     def claims(self, point: str) -> bool:
         """Whether the entry claims contract point ``point`` (it does unless listed as an exception)."""
         if point not in CONTRACT_POINTS:
@@ -325,6 +331,41 @@ REGISTRY: tuple[Technique, ...] = (
     # ------------------------------------------------------------------ issue #13: adversarial (helper REG-B)
     # ------------------------------------------------------------------ issue #11: LoRA, QLoRA (helper LORA)
     # ------------------------------------------------------------------ issue #11: ReLoRA, AdaLoRA, prompts, adapters (helper FT2)
+    _t("Adapters", "finetune",
+       "Houlsby bottleneck adapters (`h + up(act(down(h)))`, up-projection near zero: the model starts unchanged) "
+       "after chosen sublayers of any module (name / regex / type); only they (and `train_also`) train and reach the "
+       "optimizer; base `state_dict` keys unchanged",
+       "Houlsby et al. 2019", _NB_QUICK,
+       Recipe(kwargs={"targets": ["features.0", "features.5"], "bottleneck": 2, "train_also": ["head"]}),
+       extra="finetune"),
+    _t("ReLoRA", "finetune",
+       "LoRA (peft) merged into the frozen base weights and restarted every N steps, the factors' optimizer state "
+       "pruned by magnitude, jagged cosine LR with re-warm-up; the sum of low-rank updates reaches a higher rank; "
+       "exact resume across a restart",
+       "Lialin, Shivagunde, Muckatira & Rumshisky 2023", _NB_QUICK,
+       Recipe(kwargs={"targets": ["features.5", "head"], "r": 2, "restart_every": 3, "rewarm_steps": 1,
+                      "total_steps": 6}), extra="finetune"),
+    _t("AdaLoRA", "finetune",
+       "peft's AdaLoRA: SVD-form adapters whose rank budget shrinks to `target_r` by importance; "
+       "`update_and_allocate` once per optimizer step after the step, gradients present (accumulation too); "
+       "orthogonality term through the loss-term mechanism; allocator state checkpointed",
+       "Zhang et al. 2023", _NB_QUICK,
+       Recipe(kwargs={"targets": ["head"], "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1, "total_steps": 6,
+                      "orth_reg_weight": 0.1}), extra="finetune"),
+    _t("PromptTuning", "finetune",
+       "Learnable virtual tokens in front of the input, the model frozen: peft's prompt tuning on a `transformers` "
+       "model inside the module, or a soft prompt at a named layer of a plain token-sequence module; refused at "
+       "setup on modules without token sequences",
+       "Lester, Al-Rfou & Constant 2021", _NB_QUICK,
+       Recipe(module="TinyBert", module_kwargs={"max_length": 16, "hidden_size": 16, "heads": 2},
+              data="TokenPresenceDataModule", data_kwargs={"n_samples": 128, "batch_size": 16},
+              kwargs={"num_tokens": 4}), extra="finetune"),
+    _t("PrefixTuning", "finetune",
+       "Learnable prefix activations at every layer, the model frozen: peft's prefix tuning on `transformers` "
+       "models that take `past_key_values` (causal LMs), or per-layer prefix tokens on a plain token-sequence module",
+       "Li & Liang 2021", _NB_QUICK,
+       Recipe(module="TinyTransformer", module_kwargs={"d_model": 16, "heads": 2},
+              kwargs={"num_tokens": 2, "at": ["blocks.0", "blocks.1"], "train_also": ["head"]}), extra="finetune"),
     # ------------------------------------------------------------------ issue #12: search (helpers OPTUNA, RAY)
     _t("OptunaPruning", "search",
        "Reports a logged metric to an Optuna trial at every validation (by global step: several per epoch work) and "

@@ -102,7 +102,12 @@ class DigitsDataModule(_SplitDataModule):
         seed: split and shuffle seed.
         num_workers: DataLoader workers.
         keep_fraction: optional ``{class: fraction}`` that keeps only that fraction of a class's *training* samples
-            (an imbalanced version of digits; validation and test keep their natural balance).
+            (an imbalanced version of digits; validation and test keep their natural balance). With ``classes``,
+            the keys are digits among ``classes``.
+        classes: optional list of digits to keep (at least two, distinct, ``0..9``); their labels are remapped to
+            ``0 .. len(classes) - 1`` in the order given and ``num_classes`` becomes ``len(classes)``. For a two-stage
+            (transfer / fine-tuning) task: pre-train on ``classes=[0, 1, 2, 3, 4]``, fine-tune on
+            ``classes=[5, 6, 7, 8, 9]``. ``None`` (the default): all ten digits, labels unchanged.
     """
 
     num_classes = 10
@@ -116,11 +121,23 @@ class DigitsDataModule(_SplitDataModule):
         seed: int = 0,
         num_workers: int = 0,
         keep_fraction: dict[int, float] | None = None,
+        classes: list[int] | None = None,
     ) -> None:
         super().__init__(batch_size, val_fraction, test_fraction, seed, num_workers)
+        if classes is not None:
+            if not isinstance(classes, (list, tuple)) or len(classes) < 2:
+                raise ValueError(f"classes must be None or a list of at least two digits 0..9, got {classes!r}.")
+            for digit in classes:
+                check_number("classes", digit, low=0, high=9, integer=True)
+            if len(set(classes)) != len(classes):
+                raise ValueError(f"classes must be distinct digits, got {list(classes)}.")
+            self.num_classes = len(classes)
+        self.classes = None if classes is None else [int(c) for c in classes]
         for cls, frac in (keep_fraction or {}).items():
             check_number(f"keep_fraction[{cls}]", cls, low=0, high=9, integer=True)
             check_number(f"keep_fraction[{cls}]", frac, low=0.0, high=1.0, low_inclusive=False)
+            if self.classes is not None and cls not in self.classes:
+                raise ValueError(f"keep_fraction names digit {cls}, which is not among classes={self.classes}.")
         self.keep_fraction = dict(keep_fraction or {})
 
     def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +145,13 @@ class DigitsDataModule(_SplitDataModule):
 
         data = load_digits()
         x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-        return x, torch.tensor(data.target, dtype=torch.long)
+        y = torch.tensor(data.target, dtype=torch.long)
+        if self.classes is None:
+            return x, y
+        remap = torch.full((10,), -1, dtype=torch.long)
+        remap[torch.tensor(self.classes)] = torch.arange(len(self.classes))
+        keep = remap[y] >= 0
+        return x[keep], remap[y[keep]]
 
     def setup(self, stage: str | None = None) -> None:
         already = self.train_dataset is not None
@@ -140,7 +163,8 @@ class DigitsDataModule(_SplitDataModule):
         rng = np.random.default_rng(self.seed)
         keep = np.ones(len(y), dtype=bool)
         for cls, frac in self.keep_fraction.items():
-            members = np.flatnonzero(y.numpy() == cls)
+            label = cls if self.classes is None else self.classes.index(cls)
+            members = np.flatnonzero(y.numpy() == label)
             n_keep = max(1, int(round(frac * len(members))))
             drop = rng.permutation(members)[n_keep:]
             keep[drop] = False

@@ -13,6 +13,7 @@ import inspect as _inspect
 from lightning_techniques import augment as _augment
 from lightning_techniques import data as _data
 from lightning_techniques import evaluation as _evaluation
+from lightning_techniques import finetune as _finetune
 from lightning_techniques import init as _init
 from lightning_techniques import interpret as _interpret
 from lightning_techniques import normalization as _normalization
@@ -20,7 +21,7 @@ from lightning_techniques import optim as _optim
 from lightning_techniques import regularization as _regularization
 from lightning_techniques import reproducibility as _reproducibility
 
-_AREAS = (_augment, _data, _evaluation, _init, _interpret, _normalization, _optim, _regularization, _reproducibility)
+_AREAS = (_augment, _data, _evaluation, _finetune, _init, _interpret, _normalization, _optim, _regularization, _reproducibility)
 
 __all__ = sorted(
     {name for area in _AREAS for name in area.__all__ if _inspect.isfunction(getattr(area, name))}

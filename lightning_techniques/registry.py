@@ -330,6 +330,19 @@ REGISTRY: tuple[Technique, ...] = (
     # ------------------------------------------------------------------ issue #13: batch norm (helper REG-A)
     # ------------------------------------------------------------------ issue #13: adversarial (helper REG-B)
     # ------------------------------------------------------------------ issue #11: LoRA, QLoRA (helper LORA)
+    _t("LoRA", "finetune",
+       "peft LoRA (or DoRA, IA3, LoHa, LoKr) on layers chosen by name, regex or type of a stock LightningModule; "
+       "only the adapters train and reach the optimizer (module's own or `OptimizerCallback`); adapter-only "
+       "checkpoints and files that load onto a fresh base model; optional merge into the base weights at the end",
+       "Hu et al. 2021; Liu et al. 2024 (DoRA); Liu et al. 2022 (IA3); Hyeon-Woo et al. 2022 (LoHa)", _NB_QUICK,
+       Recipe(kwargs={"targets": ["features.0", "head"], "rank": 2, "alpha": 4.0}), extra="finetune"),
+    _t("QLoRA", "finetune",
+       "The base `nn.Linear` layers quantised to 4-bit NF4 with bitsandbytes (double quantisation optional, compute "
+       "dtype chosen) in `setup` - on the CPU too, where Lightning's `BitsandbytesPrecision` refuses - with peft "
+       "LoRA on top; base weights at about 1/7 of their fp32 bytes",
+       "Dettmers, Pagnoni, Holtzman & Zettlemoyer 2023", _NB_QUICK,
+       Recipe(module="DeepMLP", module_kwargs={"depth": 3, "width": 64, "optimizer": "adam"},
+              kwargs={"rank": 2, "alpha": 4.0}), extra="finetune"),
     # ------------------------------------------------------------------ issue #11: ReLoRA, AdaLoRA, prompts, adapters (helper FT2)
     _t("Adapters", "finetune",
        "Houlsby bottleneck adapters (`h + up(act(down(h)))`, up-projection near zero: the model starts unchanged) "

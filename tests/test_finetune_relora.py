@@ -25,6 +25,7 @@ from lightning_techniques.finetune.relora import (
     relora_restart,
 )
 from lightning_techniques.testing import assert_exact_resume
+from lightning_techniques.testing.contract import assert_exact_resume_epochs
 
 DIM = 16
 
@@ -176,6 +177,16 @@ def test_exact_resume_across_a_restart(tmp_path: Path, split: int) -> None:
         make_callbacks=lambda: [ReLoRA(targets=["linear"], r=2, restart_every=4, rewarm_steps=1, total_steps=9)],
         tmp_path=tmp_path, total_steps=9, split_step=split)
     assert result["callbacks"][0].restarts == 2
+
+
+def test_exact_resume_after_a_kill_following_a_restart(tmp_path: Path) -> None:
+    """Killed (an exception) right after the restart at step 4, resumed from that step's checkpoint: identical to the
+    uninterrupted run over two epochs (8 batches each), restart count and LR schedule included."""
+    result = assert_exact_resume_epochs(
+        make_module=Regression, make_datamodule=RegressionData,
+        make_callbacks=lambda: [ReLoRA(targets=["linear"], r=2, restart_every=4, rewarm_steps=1, total_steps=16)],
+        tmp_path=tmp_path, max_epochs=2, limit_train_batches=8, kill_step=5)
+    assert result["callbacks"][0].restarts == 3
 
 
 def test_bad_input() -> None:

@@ -118,7 +118,9 @@ class AdaLoRA(FinetuneSession, Callback):
         L.Trainer(max_steps=200, callbacks=[adalora]).fit(TabularMLP(), datamodule=BreastCancerDataModule())
 
     Limits: ``nn.Linear`` targets (peft's AdaLoRA layers); automatic optimisation; one optimizer. FSDP/DeepSpeed
-    are not supported.
+    are not supported. ``update_and_allocate`` runs in ``on_train_batch_end``: a callback that saves checkpoints there
+    must come after AdaLoRA in ``callbacks`` (Lightning's ``ModelCheckpoint`` always runs last). One
+    parameter-efficient method per run; refused beside ``L1Penalty`` / ``L2Penalty`` (see :class:`ReLoRA`).
     """
 
     takes_over = frozenset({"configure_optimizers", "loss_term"})

@@ -200,7 +200,8 @@ class Adapters(FinetuneSession, Callback):
 
     Limits: adapters follow a layer's whole output (the first element of a tuple output); the layer's output size
     is read from the layer (or its last Linear / conv / norm), for others pass ``size`` through :func:`add_adapters`.
-    Needs automatic or manual optimisation built from ``configure_optimizers``; FSDP/DeepSpeed are not supported.
+    One parameter-efficient method per run (LoRA, QLoRA, ReLoRA, AdaLoRA, prompt / prefix tuning are refused beside
+    it at setup). FSDP/DeepSpeed are not supported.
     """
 
     takes_over = frozenset({"configure_optimizers"})

@@ -364,8 +364,9 @@ class PromptTuning(_PromptCallback):
         soft = PromptTuning(num_tokens=4, at="blocks.0", train_also=["head"])   # a plain token-sequence module
         L.Trainer(max_epochs=5, callbacks=[soft]).fit(TinyTransformer(), datamodule=DigitsDataModule())
 
-    Limits: the plain path knows nothing of attention masks or positions added after ``at``. FSDP/DeepSpeed are
-    not supported.
+    Limits: the plain path knows nothing of attention masks or positions added after ``at``, and a layer whose input
+    is not ``[batch, tokens, features]`` fails at the first forward with a message naming the shape. One
+    parameter-efficient method per run. FSDP/DeepSpeed are not supported.
     """
 
     _method = "prompt"

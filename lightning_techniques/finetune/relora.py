@@ -182,7 +182,10 @@ class ReLoRA(FinetuneSession, Callback):
         L.Trainer(max_steps=300, callbacks=[relora]).fit(TabularMLP(), datamodule=BreastCancerDataModule())
 
     Limits: automatic optimisation; plain LoRA (no DoRA); FSDP/DeepSpeed are not supported. A callback that
-    changes weights at batch start must be ordered with care around ReLoRA's restart.
+    changes weights at batch start must be ordered with care around ReLoRA's restart. One parameter-efficient method
+    per run; refused beside ``L1Penalty`` / ``L2Penalty`` (they look their parameters up by name at fit start, and
+    peft renames an adapted layer's weight to ``<layer>.base_layer.weight``) and, with the jagged schedule, beside
+    the other callbacks that set the LR.
     """
 
     takes_over = frozenset({"configure_optimizers", "lr"})

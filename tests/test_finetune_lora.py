@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from lightning_techniques import LoRA, OptimizerCallback
-from lightning_techniques.functional import apply_lora, load_adapter, merge_lora, save_adapter
 from lightning_techniques.demo import DeepMLP, DigitsCNN, DigitsDataModule
 from lightning_techniques.finetune._peft import adapter_parameter_names, tuner_layers
+from lightning_techniques.functional import apply_lora, load_adapter, merge_lora, save_adapter
 from lightning_techniques.testing import assert_exact_resume
 
 pytest.importorskip("peft")

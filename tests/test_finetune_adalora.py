@@ -73,7 +73,12 @@ def test_rank_budget_shrinks_to_target_r() -> None:
                       total_steps=16, train_also=["net.4"])
     recorder = Recorder(adalora)
     module = TabularMLP(hidden=16)
-    _trainer([adalora, recorder], max_steps=16).fit(module, datamodule=BreastCancerDataModule(batch_size=16))
+    trainer = _trainer([adalora, recorder], max_steps=16)
+    trainer.fit(module, datamodule=BreastCancerDataModule(batch_size=16))
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    ranknum = [p for n, p in module.named_parameters() if "ranknum" in n]
+    assert ranknum and not any(id(p) in optimized for p in ranknum), "peft's rank counter never trains (train_also)"
+    assert all(float(p) == 6 for p in ranknum)
     budgets = [c["budget"] for c in recorder.calls]
     assert budgets[0] == 18, "the full budget during tinit"
     assert all(a >= b for a, b in zip(budgets, budgets[1:])), budgets

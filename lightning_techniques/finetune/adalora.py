@@ -189,6 +189,9 @@ class AdaLoRA(FinetuneSession, Callback):
         self.tuner = apply_adalora(pl_module, paths, config)
         self._changed = tuple(paths)
         self._train_only(pl_module, [n for n, _ in pl_module.named_parameters() if "lora_" in n] + list(extra))
+        for name, param in pl_module.named_parameters():  # peft's rank counter is a frozen Parameter: never trained,
+            if ".ranknum." in f".{name}":                   # also when train_also names an adapted layer
+                param.requires_grad_(False)
         if self.orth_reg_weight > 0:
             weight = self.orth_reg_weight
             self._loss_term = add_loss_term(

@@ -191,8 +191,8 @@ def test_module_untouched_after_fit_and_after_an_exception(entry: Technique, tmp
     clean_fit, clean_killed, _, _ = _BASELINES[key]
     fit, killed, changed_fit, changed_killed = _fit_fingerprints(entry, True, tmp_path / "technique")
     # a technique that changes the module on purpose (``changes_module``) may differ only at its declared paths
-    assert bool(changed_fit) == bool(getattr(entry.cls, "changes_module", False)), (
-        f"{entry.name}: changes_module={getattr(entry.cls, 'changes_module', False)} but changed_paths={changed_fit}")
+    assert bool(changed_fit) == entry.changes_module, (
+        f"{entry.name}: changes_module={entry.changes_module} but changed_paths={changed_fit}")
     assert_fingerprints_equal(clean_fit, fit, f"{entry.name}: module after fit", changed_paths=changed_fit)
     assert_fingerprints_equal(clean_killed, killed, f"{entry.name}: module after an exception mid-fit",
                               changed_paths=changed_killed)

@@ -35,9 +35,9 @@ def is_tuner_layer(module: nn.Module) -> bool:
     return isinstance(module, BaseTunerLayer)
 
 
-def tuner_layers(model: nn.Module) -> dict[str, nn.Module]:
+def tuner_layers(model: nn.Module) -> dict[str, Any]:
     """The peft tuner layers of ``model`` by ``named_modules()`` path (outermost only)."""
-    found: dict[str, nn.Module] = {}
+    found: dict[str, Any] = {}
     for path, module in model.named_modules():
         if path and is_tuner_layer(module) and not any(path.startswith(p + ".") for p in found):
             found[path] = module

@@ -4,6 +4,8 @@ optimizer, the base is restored to trainable after fit, a second task is learned
 from __future__ import annotations
 
 import io
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -129,3 +131,37 @@ def test_bad_input() -> None:
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="size"):
         adapter_size(nn.ReLU())
+
+
+@pytest.mark.parametrize("name", ["Adapters", "ReLoRA", "AdaLoRA", "PromptTuning", "PrefixTuning"])
+def test_evaluate_a_fresh_module_from_an_adapted_checkpoint(name: str, tmp_path: Path) -> None:
+    """``trainer.test(fresh_module, ckpt_path=...)`` with the technique attached: it makes the same change before the
+    checkpoint loads, so the adapted weights load strictly and the fresh module computes what the trained one does."""
+    from lightning_techniques import registry
+
+    entry = registry.BY_NAME[name]
+    recipe = entry.recipe
+    assert recipe is not None
+    L.seed_everything(0, verbose=False)
+    trained = recipe.build_module()
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[entry.build()], default_root_dir=str(tmp_path))
+    trainer.fit(trained, datamodule=recipe.build_data())
+    trainer.save_checkpoint(tmp_path / "adapted.ckpt")
+    fresh = recipe.build_module()
+    evaluator = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          limit_test_batches=1, callbacks=[entry.build()], default_root_dir=str(tmp_path))
+    evaluator.test(fresh, datamodule=recipe.build_data(), ckpt_path=str(tmp_path / "adapted.ckpt"), weights_only=True)
+    assert set(fresh.state_dict()) == set(trained.state_dict())
+    batch = _first_batch(recipe)
+    trained.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.allclose(trained(batch), fresh(batch), atol=1e-6)
+    assert all(p.requires_grad for n, p in fresh.named_parameters() if "ranknum" not in n), "nothing frozen"
+
+
+def _first_batch(recipe: Any) -> torch.Tensor:
+    data = recipe.build_data()
+    data.setup("test")
+    return next(iter(data.test_dataloader()))[0]

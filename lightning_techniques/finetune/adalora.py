@@ -172,19 +172,20 @@ class AdaLoRA(FinetuneSession, Callback):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
+            if stage in ("validate", "test", "predict") and not self._changed and not current_ranks(pl_module):
+                # a fresh module evaluated from an adapted checkpoint (trainer.test(module, ckpt_path=...))
+                paths = resolve_targets(pl_module, self.targets, "targets", types=(nn.Linear,))
+                self._begin(pl_module)
+                apply_adalora(pl_module, paths, self._config(paths))
+                self._end()  # (peft's freezing undone)
+                self._changed = tuple(paths)
             return
         check_conflicts(trainer, self)
-        peft = require("peft", "finetune", "AdaLoRA")
         if not pl_module.automatic_optimization:
             raise ValueError("AdaLoRA needs automatic optimisation (it updates the ranks after each optimizer step).")
         paths = resolve_targets(pl_module, self.targets, "targets", types=(nn.Linear,))
         extra = resolve_targets(pl_module, self.train_also, "train_also") if self.train_also else []
-        placeholder = self.total_steps or self.tinit + self.tfinal + 1  # set to the run's length at train start
-        config = peft.AdaLoraConfig(
-            init_r=self.init_r, target_r=self.target_r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-            tinit=self.tinit, tfinal=self.tfinal, deltaT=self.delta_t, beta1=self.beta1, beta2=self.beta2,
-            orth_reg_weight=self.orth_reg_weight, total_step=placeholder, target_modules=list(paths),
-        )
+        config = self._config(paths)
         self._begin(pl_module)
         self.tuner = apply_adalora(pl_module, paths, config)
         self._changed = tuple(paths)
@@ -197,6 +198,15 @@ class AdaLoRA(FinetuneSession, Callback):
             self._loss_term = add_loss_term(
                 pl_module, "adalora_orth", lambda module, batch, batch_idx, loss: weight * orthogonal_regularization(
                     module).to(loss.device))
+
+    def _config(self, paths: list[str]) -> Any:
+        peft = require("peft", "finetune", "AdaLoRA")
+        placeholder = self.total_steps or self.tinit + self.tfinal + 1  # set to the run's length at train start
+        return peft.AdaLoraConfig(
+            init_r=self.init_r, target_r=self.target_r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            tinit=self.tinit, tfinal=self.tfinal, deltaT=self.delta_t, beta1=self.beta1, beta2=self.beta2,
+            orth_reg_weight=self.orth_reg_weight, total_step=placeholder, target_modules=list(paths),
+        )
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         super().on_fit_start(trainer, pl_module)

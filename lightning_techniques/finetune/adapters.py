@@ -225,6 +225,12 @@ class Adapters(FinetuneSession, Callback):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
+            if stage in ("validate", "test", "predict") and not self._changed and not any(
+                    ADAPTER_NAME in m._modules for m in pl_module.modules()):
+                # a fresh module evaluated from an adapted checkpoint (trainer.test(module, ckpt_path=...))
+                paths = resolve_targets(pl_module, self.targets, "targets")
+                self._changed = tuple(add_adapters(pl_module, paths, self.bottleneck, self.activation,
+                                                   self.init_std, seed=self.seed))
             return
         check_conflicts(trainer, self)
         paths = [p for p in resolve_targets(pl_module, self.targets, "targets") if ADAPTER_NAME not in p.split(".")]

@@ -267,6 +267,8 @@ class _PromptCallback(FinetuneSession, Callback):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
+            if stage in ("validate", "test", "predict") and not self._changed:
+                self._apply_for_evaluation(pl_module)
             return
         check_conflicts(trainer, self)
         name = type(self).__name__
@@ -302,6 +304,25 @@ class _PromptCallback(FinetuneSession, Callback):
         else:
             trainable = [f"{p}.{PROMPT_NAME}" for p in self._changed]
         self._train_only(pl_module, trainable + list(extra))
+
+    def _apply_for_evaluation(self, pl_module: Any) -> None:
+        """A fresh module evaluated from an adapted checkpoint (``trainer.test(module, ckpt_path=...)``): the same
+        change as in fit, without freezing (peft's freezing is undone)."""
+        peft_types = _peft_model_types()
+        if any(peft_types and isinstance(m, peft_types) for m in pl_module.modules()) or any(
+                isinstance(m._modules.get(PROMPT_NAME), SoftPrompt) for m in pl_module.modules()):
+            return
+        layers = self._layers()
+        hf_path = find_hf_model(pl_module)
+        if hf_path is not None and (not layers or layers == [hf_path]):
+            self._begin(pl_module)
+            apply_peft_prompt(pl_module, hf_path, self._method, self.num_tokens, self.task_type,
+                              self.prefix_projection)
+            self._end()
+            self.path, self._changed = "peft", (hf_path,)
+        elif layers:
+            self.path = "plain"
+            self._changed = tuple(add_soft_prompt(pl_module, layers, self.num_tokens, self.init_std, self.seed))
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit":

@@ -235,6 +235,9 @@ class ReLoRA(FinetuneSession, Callback):
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
+            if stage in ("validate", "test", "predict") and not self._changed and not lora_layers(pl_module):
+                # a fresh module evaluated from an adapted checkpoint (trainer.test(module, ckpt_path=...))
+                self._changed = tuple(apply_lora(pl_module, self.targets, "lora", self.r, self.alpha, self.dropout))
             return
         check_conflicts(trainer, self)
         if not pl_module.automatic_optimization:

@@ -199,3 +199,15 @@ def test_targets_matching_nothing_list_the_layers_before_any_step(tmp_path: Path
     assert t.global_step == 0 and not tuner_layers(module) and all(p.requires_grad for p in module.parameters())
     with pytest.raises(ValueError, match="head"):  # a layer the method cannot adapt (IA3 has no Conv1d / ReLU)
         apply_lora(DigitsCNN(channels=4), ["features.1"], method="ia3")
+
+
+def test_techniques_that_record_parameter_names_before_lora_wraps_them(tmp_path: Path) -> None:
+    # L1Penalty / WeightNoise record parameter names in their setup, which runs before LoRA's when they come first
+    # in the list; the wrapped layers' weights live on under `base_layer` (regression: KeyError 'features.0.weight')
+    from lightning_techniques import L1Penalty, WeightNoise
+
+    module = DigitsCNN(channels=4)
+    penalty, noise = L1Penalty(coefficient=1e-4), WeightNoise(std=0.01, seed=1)
+    t = trainer(tmp_path, callbacks=[penalty, noise, LoRA(targets=["features.0", "head"], rank=2)])
+    t.fit(module, datamodule=data())
+    assert t.global_step == 3 and "features.0.weight" in penalty.parameter_names and penalty.last_coefficient > 0

@@ -129,3 +129,17 @@ def check_adapter_state(state: Mapping[str, Any], model: nn.Module, what: str) -
     if unknown or missing:
         raise ValueError(f"{what}: the adapter weights do not fit the model (unknown keys {unknown[:5]}, missing "
                          f"{missing[:5]}); use the same targets, method and rank as when they were saved.")
+
+
+def current_parameter_name(model: nn.Module, name: str) -> str:
+    """``name`` as the parameter is called now: a parameter recorded before an adapter wrapped its layer (``head.weight``)
+    lives on under the tuner layer's ``base_layer`` (``head.base_layer.weight``) - the same parameter object. For
+    techniques that record parameter names in ``setup`` when a fine-tuning callback later in the list wraps layers."""
+    if name in dict(model.named_parameters()):
+        return name
+    for path in tuner_layers(model):
+        if name.startswith(path + "."):
+            moved = f"{path}.base_layer.{name[len(path) + 1:]}"
+            if moved in dict(model.named_parameters()):
+                return moved
+    return name

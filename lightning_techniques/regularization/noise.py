@@ -17,6 +17,7 @@ from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.patching import MethodPatch
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_number, check_positive
+from lightning_techniques.finetune._peft import current_parameter_name
 from lightning_techniques.regularization.penalties import _compile, _resolve_types, penalty_parameters
 
 NoiseMode = Literal["additive", "multiplicative"]
@@ -137,7 +138,8 @@ class WeightNoise(Callback):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         by_name = dict(pl_module.named_parameters())  # looked up after the strategy moved the model
-        self._params = [by_name[n] for n in self.parameter_names]
+        # (a fine-tuning callback later in the list may have wrapped a layer since setup: same parameter, new name)
+        self._params = [by_name[current_parameter_name(pl_module, n)] for n in self.parameter_names]
         self._clean = [p.detach().clone() for p in self._params]
         self._generators = {}
 

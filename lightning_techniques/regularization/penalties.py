@@ -20,6 +20,7 @@ from lightning_techniques._internal.loss_terms import LossTermHandle, add_loss_t
 from lightning_techniques._internal.schedule import interpolate, progress
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_non_negative, check_number, resolve_layer_type
+from lightning_techniques.finetune._peft import current_parameter_name
 
 PenaltyKind = Literal["l1", "l2"]
 
@@ -158,7 +159,8 @@ class _WeightPenalty(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # the strategy may have replaced parameter objects while moving the model: look them up again
         by_name = dict(pl_module.named_parameters())
-        self._params = [by_name[name] for name in self.parameter_names]
+        # (a fine-tuning callback later in the list may have wrapped a layer since setup: same parameter, new name)
+        self._params = [by_name[current_parameter_name(pl_module, name)] for name in self.parameter_names]
 
     def _term(self, module: nn.Module, batch: Any, batch_idx: int, loss: torch.Tensor) -> torch.Tensor:
         trainer = getattr(module, "_trainer", None)

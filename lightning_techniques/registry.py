@@ -334,13 +334,13 @@ REGISTRY: tuple[Technique, ...] = (
        "peft LoRA (or DoRA, IA3, LoHa, LoKr) on layers chosen by name, regex or type of a stock LightningModule; "
        "only the adapters train and reach the optimizer (module's own or `OptimizerCallback`); adapter-only "
        "checkpoints and files that load onto a fresh base model; optional merge into the base weights at the end",
-       "Hu et al. 2021; Liu et al. 2024 (DoRA); Liu et al. 2022 (IA3); Hyeon-Woo et al. 2022 (LoHa)", _NB_QUICK,
+       "Hu et al. 2021; Liu et al. 2024 (DoRA); Liu et al. 2022 (IA3); Hyeon-Woo et al. 2022 (LoHa)", _NB_FINETUNE,
        Recipe(kwargs={"targets": ["features.0", "head"], "rank": 2, "alpha": 4.0}), extra="finetune"),
     _t("QLoRA", "finetune",
        "The base `nn.Linear` layers quantised to 4-bit NF4 with bitsandbytes (double quantisation optional, compute "
        "dtype chosen) in `setup` - on the CPU too, where Lightning's `BitsandbytesPrecision` refuses - with peft "
        "LoRA on top; base weights at about 1/7 of their fp32 bytes",
-       "Dettmers, Pagnoni, Holtzman & Zettlemoyer 2023", _NB_QUICK,
+       "Dettmers, Pagnoni, Holtzman & Zettlemoyer 2023", _NB_FINETUNE,
        Recipe(module="DeepMLP", module_kwargs={"depth": 3, "width": 64, "optimizer": "adam"},
               kwargs={"rank": 2, "alpha": 4.0}), extra="finetune"),
     # ------------------------------------------------------------------ issue #11: ReLoRA, AdaLoRA, prompts, adapters (helper FT2)
@@ -348,35 +348,35 @@ REGISTRY: tuple[Technique, ...] = (
        "Houlsby bottleneck adapters (`h + up(act(down(h)))`, up-projection near zero: the model starts unchanged) "
        "after chosen sublayers of any module (name / regex / type); only they (and `train_also`) train and reach the "
        "optimizer; base `state_dict` keys unchanged",
-       "Houlsby et al. 2019", _NB_QUICK,
+       "Houlsby et al. 2019", _NB_FINETUNE,
        Recipe(kwargs={"targets": ["features.0", "features.5"], "bottleneck": 2, "train_also": ["head"]}),
        extra="finetune"),
     _t("ReLoRA", "finetune",
        "LoRA (peft) merged into the frozen base weights and restarted every N steps, the factors' optimizer state "
        "pruned by magnitude, jagged cosine LR with re-warm-up; the sum of low-rank updates reaches a higher rank; "
        "exact resume across a restart",
-       "Lialin, Shivagunde, Muckatira & Rumshisky 2023", _NB_QUICK,
+       "Lialin, Shivagunde, Muckatira & Rumshisky 2023", _NB_FINETUNE,
        Recipe(kwargs={"targets": ["features.5", "head"], "r": 2, "restart_every": 3, "rewarm_steps": 1,
                       "total_steps": 6}), extra="finetune"),
     _t("AdaLoRA", "finetune",
        "peft's AdaLoRA: SVD-form adapters whose rank budget shrinks to `target_r` by importance; "
        "`update_and_allocate` once per optimizer step after the step, gradients present (accumulation too); "
        "orthogonality term through the loss-term mechanism; allocator state checkpointed",
-       "Zhang et al. 2023", _NB_QUICK,
+       "Zhang et al. 2023", _NB_FINETUNE,
        Recipe(kwargs={"targets": ["head"], "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1, "total_steps": 6,
                       "orth_reg_weight": 0.1}), extra="finetune"),
     _t("PromptTuning", "finetune",
        "Learnable virtual tokens in front of the input, the model frozen: peft's prompt tuning on a `transformers` "
        "model inside the module, or a soft prompt at a named layer of a plain token-sequence module; refused at "
        "setup on modules without token sequences",
-       "Lester, Al-Rfou & Constant 2021", _NB_QUICK,
+       "Lester, Al-Rfou & Constant 2021", _NB_FINETUNE,
        Recipe(module="TinyBert", module_kwargs={"max_length": 16, "hidden_size": 16, "heads": 2},
               data="TokenPresenceDataModule", data_kwargs={"n_samples": 128, "batch_size": 16},
               kwargs={"num_tokens": 4}), extra="finetune"),
     _t("PrefixTuning", "finetune",
        "Learnable prefix activations at every layer, the model frozen: peft's prefix tuning on `transformers` "
        "models that take `past_key_values` (causal LMs), or per-layer prefix tokens on a plain token-sequence module",
-       "Li & Liang 2021", _NB_QUICK,
+       "Li & Liang 2021", _NB_FINETUNE,
        Recipe(module="TinyTransformer", module_kwargs={"d_model": 16, "heads": 2},
               kwargs={"num_tokens": 2, "at": ["blocks.0", "blocks.1"], "train_also": ["head"]}), extra="finetune"),
     # ------------------------------------------------------------------ issue #12: search (helpers OPTUNA, RAY)

@@ -1,5 +1,15 @@
 """Regularisation techniques."""
 
+from lightning_techniques.regularization.adversarial import (
+    AdversarialTraining,
+    VirtualAdversarialTraining,
+    fgsm,
+    input_gradient,
+    pgd,
+    preserved_batchnorm_stats,
+    vat_loss,
+    vat_perturbation,
+)
 from lightning_techniques.regularization.dropout import (
     DropoutSchedule,
     MCDropout,
@@ -19,20 +29,28 @@ from lightning_techniques.regularization.penalties import (
 )
 
 __all__ = [
+    "AdversarialTraining",
     "DropoutSchedule",
     "EarlyStopping",
     "L1Penalty",
     "L2Penalty",
     "LabelSmoothing",
     "MCDropout",
+    "VirtualAdversarialTraining",
     "WeightNoise",
     "dropout_layers",
+    "fgsm",
+    "input_gradient",
     "mc_dropout_predict",
     "penalty_parameters",
     "perturb_weights_",
+    "pgd",
+    "preserved_batchnorm_stats",
     "restore_weights_",
     "scheduled_dropout",
     "smooth_targets",
+    "vat_loss",
+    "vat_perturbation",
     "warmup_coefficient",
     "weight_penalty",
 ]

@@ -328,6 +328,23 @@ REGISTRY: tuple[Technique, ...] = (
        Recipe(kwargs={"every_n_val_epochs": 2, "max_samples": 2, "n_samples": 20, "superpixel_size": 4},
               trainer=EVAL_TRAINER), extra="interpret"),
     # ------------------------------------------------------------------ issue #13: batch norm (helper REG-A)
+    _t("PreciseBN", "normalization",
+       "BatchNorm running statistics recomputed before each validation / at fit end as the true average over N "
+       "training batches (seeded choice, train-stage batch hooks, exact all-reduce under DDP), modes restored",
+       "Wu & Johnson 2021", _NB_QUICK,
+       Recipe(module_kwargs={"channels": 4, "batch_norm": True}, kwargs={"num_batches": 3, "seed": 1},
+              trainer=EVAL_TRAINER)),
+    _t("FreezeBatchNorm", "normalization",
+       "Chosen BatchNorm layers frozen for fine-tuning: running statistics (eval mode in training) and/or affine "
+       "weights (`requires_grad` off before the optimizer is built); restored at teardown and on an exception",
+       "Wu & Johnson 2021; Ioffe & Szegedy 2015", _NB_QUICK,
+       Recipe(module_kwargs={"channels": 4, "batch_norm": True}, kwargs={"targets": ["features\\.[13]\\.0"]})),
+    _t("NormSwap", "normalization",
+       "BatchNorm layers replaced by GroupNorm / LayerNorm / InstanceNorm for tiny batches, in `setup` before the "
+       "optimizer is built; per-channel affine weights carried over, running statistics dropped (a declared change)",
+       "Wu & He 2018; Ba, Kiros & Hinton 2016", _NB_QUICK,
+       Recipe(module_kwargs={"channels": 4, "batch_norm": True}, data_kwargs={"batch_size": 4},
+              kwargs={"to": "group", "num_groups": 2})),
     # ------------------------------------------------------------------ issue #13: adversarial (helper REG-B)
     # ------------------------------------------------------------------ issue #11: LoRA, QLoRA (helper LORA)
     _t("LoRA", "finetune",

@@ -45,6 +45,8 @@ def merged_recipe(techniques: list[Technique]) -> Recipe:
         if (recipe.module, dict(recipe.module_kwargs)) != (default.module, dict(default.module_kwargs)) and (
                 module, module_kwargs) == (default.module, dict(default.module_kwargs)):
             module, module_kwargs = recipe.module, dict(recipe.module_kwargs)  # e.g. a dropout CNN for RNG state
+        elif recipe.module == module:  # same model class: add the options it needs (e.g. batch_norm=True)
+            module_kwargs.update({k: v for k, v in recipe.module_kwargs.items() if k not in module_kwargs})
         if recipe.data != default.data:
             data = recipe.data
         data_kwargs.update(recipe.data_kwargs)

@@ -73,23 +73,29 @@ class DigitsCNN(ClassifierModule):
     """A small CNN for 8x8 digits: two 3x3 conv blocks, global pooling, (optional dropout,) a linear head.
 
     ``dropout`` > 0 puts an ``nn.Dropout`` before the head (a random layer: exact resume then needs
-    :class:`~lightning_techniques.RNGStateCheckpoint`)."""
+    :class:`~lightning_techniques.RNGStateCheckpoint`). ``batch_norm=True`` puts an ``nn.BatchNorm2d`` after each
+    conv, before its ReLU (``features.1.0``, ``features.3.0``, ``features.6.0``), for the batch-normalisation
+    techniques."""
 
     def __init__(self, channels: int = 32, num_classes: int = 10, lr: float = 3e-3, dropout: float = 0.0,
-                 **kwargs: Any) -> None:
+                 batch_norm: bool = False, **kwargs: Any) -> None:
         super().__init__(lr=lr, **kwargs)
         self.save_hyperparameters()
         check_positive("channels", channels, integer=True)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout={dropout!r} must be in [0, 1).")
+
+        def act(width: int) -> nn.Module:  # BN + ReLU in one slot: the convs keep their paths (features.0/2/5)
+            return nn.Sequential(nn.BatchNorm2d(width), nn.ReLU()) if batch_norm else nn.ReLU()
+
         self.features = nn.Sequential(
             nn.Conv2d(1, channels, 3, padding=1),
-            nn.ReLU(),
+            act(channels),
             nn.Conv2d(channels, channels, 3, padding=1),
-            nn.ReLU(),
+            act(channels),
             nn.MaxPool2d(2),
             nn.Conv2d(channels, 2 * channels, 3, padding=1),
-            nn.ReLU(),
+            act(2 * channels),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

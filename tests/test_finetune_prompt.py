@@ -165,6 +165,11 @@ def test_bad_input() -> None:
         _trainer(1, [PromptTuning(num_tokens=2, at="nope")]).fit(TinyTransformer(d_model=16, heads=2),
                                                                  datamodule=DigitsDataModule())
     assert not any(PROMPT_NAME in k for k in cnn.state_dict()) and all(p.requires_grad for p in cnn.parameters())
+    bert = TinyBert()  # 12 learned positions: 12 tokens + 2 virtual ones do not fit (refused before the first step)
+    trainer = _trainer(1, [PromptTuning(num_tokens=2)])
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        trainer.fit(bert, datamodule=TokenPresenceDataModule(n_samples=64))
+    assert trainer.global_step == 0 and all(p.requires_grad for p in bert.parameters())
     with pytest.raises(ValueError, match="one layer"):
         _trainer(1, [PromptTuning(num_tokens=2, at=["blocks.0", "blocks.1"])]).fit(  # type: ignore[arg-type]
             TinyTransformer(d_model=16, heads=2), datamodule=DigitsDataModule())

@@ -255,6 +255,8 @@ class _PromptCallback(FinetuneSession, Callback):
         self.seed = check_number("seed", seed, integer=True)
         self.prefix_projection = bool(prefix_projection)
         self._changed: tuple[str, ...] = ()
+        self._position_limit: int | None = None
+        self._position_checked = False
         self.path: Literal["peft", "plain"] | None = None
 
     @property
@@ -304,6 +306,27 @@ class _PromptCallback(FinetuneSession, Callback):
         else:
             trainable = [f"{p}.{PROMPT_NAME}" for p in self._changed]
         self._train_only(pl_module, trainable + list(extra))
+        # peft prepends the virtual tokens to the embedded input: a model with learned absolute positions (BERT)
+        # then needs input length + num_tokens positions; checked on the first batch, before the first step
+        self._position_checked = False
+        self._position_limit = None
+        if self.path == "peft" and self._method == "prompt":
+            for sub_name, sub in pl_module.get_submodule(self._changed[0]).named_modules():
+                if sub_name.endswith("position_embeddings") and isinstance(sub, nn.Embedding):
+                    self._position_limit = int(sub.num_embeddings)  # learned positions (BERT, RoBERTa, ...)
+                    break
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._position_limit is None or self._position_checked:
+            return
+        self._position_checked = True
+        ids = _token_ids(batch)
+        if ids is not None and ids.shape[1] + self.num_tokens > self._position_limit:
+            raise ValueError(
+                f"{type(self).__name__}: {ids.shape[1]} input tokens + {self.num_tokens} virtual tokens exceed the "
+                f"model's {self._position_limit} learned position embeddings (max_position_embeddings); build the "
+                "model with more positions or use fewer num_tokens."
+            )
 
     def _apply_for_evaluation(self, pl_module: Any) -> None:
         """A fresh module evaluated from an adapted checkpoint (``trainer.test(module, ckpt_path=...)``): the same
@@ -341,6 +364,15 @@ class _PromptCallback(FinetuneSession, Callback):
                              f"{list(self._changed)}; use the same at= to resume.")
 
 
+def _token_ids(batch: Any) -> torch.Tensor | None:
+    """The first 2-D integer tensor of a batch (a tensor, or a tuple / list / dict of them): the token ids."""
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch]
+    for item in items:
+        if torch.is_tensor(item) and item.ndim == 2 and not item.is_floating_point() and item.dtype != torch.bool:
+            return item
+    return None
+
+
 def _peft_model_types() -> tuple[type, ...]:
     try:
         from peft import PeftModel
@@ -358,7 +390,8 @@ class PromptTuning(_PromptCallback):
     * If the module holds a Hugging Face ``transformers`` model (found automatically, or named by ``at``), peft's
       ``PromptTuningConfig`` wraps it (``get_peft_model``) and the attribute holds the ``PeftModel`` after ``fit``
       (peft extends the attention mask; a sequence-classification head trains too, peft's ``modules_to_save``).
-      The model's ``max_position_embeddings`` must cover the input length plus ``num_tokens``.
+      A model with learned positions (BERT) needs the input length plus ``num_tokens`` of them: checked on the
+      first batch, before the first step.
     * On a plain token-sequence module, ``at`` names the layer whose input ``[batch, tokens, features]`` gets the
       tokens prepended (a forward pre-hook; an ``nn.Embedding``'s output instead), e.g. ``at="blocks.0"`` of the
       demo ``TinyTransformer``. Later layers then see ``num_tokens`` more tokens: pooling over tokens includes them,

@@ -346,6 +346,18 @@ REGISTRY: tuple[Technique, ...] = (
        Recipe(module_kwargs={"channels": 4, "batch_norm": True}, data_kwargs={"batch_size": 4},
               kwargs={"to": "group", "num_groups": 2})),
     # ------------------------------------------------------------------ issue #13: adversarial (helper REG-B)
+    _t("AdversarialTraining", "regularization",
+       "FGSM or PGD (L-inf / L2, seeded random start, input range) adversarial examples of each training batch, "
+       "their loss added through the loss-term mechanism; input-only gradients (DDP reducer and parameter grads "
+       "untouched), fp16 loss scale, BatchNorm statistics from the clean forward only",
+       "Goodfellow, Shlens & Szegedy 2015; Madry, Makelov, Schmidt, Tsipras & Vladu 2018", _NB_QUICK,
+       Recipe(kwargs={"method": "pgd", "eps": 0.1, "steps": 2, "input_range": [0.0, 1.0], "seed": 1})),
+    _t("VirtualAdversarialTraining", "regularization",
+       "Virtual adversarial training: the KL divergence between the predictions at x and at x + r_adv, r_adv from "
+       "power iteration (fp32 outside autocast), no labels needed, added through the loss-term mechanism; seeded, "
+       "BatchNorm statistics untouched",
+       "Miyato, Maeda, Koyama & Ishii 2018", _NB_QUICK,
+       Recipe(kwargs={"eps": 1.0, "power_iterations": 1, "seed": 1})),
     # ------------------------------------------------------------------ issue #11: LoRA, QLoRA (helper LORA)
     _t("LoRA", "finetune",
        "peft LoRA (or DoRA, IA3, LoHa, LoKr) on layers chosen by name, regex or type of a stock LightningModule; "
@@ -404,6 +416,13 @@ REGISTRY: tuple[Technique, ...] = (
        "Akiba, Sano, Yanase, Ohta & Koyama 2019 (Optuna); Jamieson & Talwalkar 2016; Li et al. 2018", _NB_QUICK,
        # the recipe's callback has no trial of its own: it reports into a one-trial in-memory study (never prunes)
        Recipe(kwargs={"monitor": "val_loss"}, trainer=EVAL_TRAINER), extra="hpo"),
+    _t("RayTuneReport", "search",
+       "Reports the monitored metrics (with global step and epoch) to the Ray Tune trial at every validation end "
+       "with a Lightning checkpoint, so ASHA can stop the trial and Ray resume it; a monitor never logged fails at "
+       "the first validation; outside a Tune trial it only records (driver: ray_search, the same YAML space)",
+       "Liaw et al. 2018 (Tune); Li et al. 2020 (ASHA)", _NB_QUICK,
+       # the recipe runs outside a Ray Tune trial (it records the reports); inside one: tests/test_search_ray.py
+       Recipe(kwargs={"monitor": ["val_loss", "val_acc"]}, trainer=EVAL_TRAINER), extra="ray"),
 )
 
 BY_NAME: dict[str, Technique] = {entry.name: entry for entry in REGISTRY}

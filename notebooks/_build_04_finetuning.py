@@ -200,7 +200,9 @@ for name, curves in seq_runs.items():
     ax.plot(steps, acc, marker='.', label=f'{name} ({curves.trainable:,} trainable)')
 ax.set(xlabel='step', ylabel='validation accuracy', title='TinyTransformer, digits 5-9', ylim=(0.3, 1.0))
 ax.legend(fontsize=8, loc='lower right'); plt.show()"""),
-    ("md", """`benchmarks/finetune.py` runs all of these over several seeds with memory in bytes and step times, and adds a tiny BERT built from a config (no download) pre-trained on one synthetic sequence task and adapted to another; the table is in `benchmarks/RESULTS.md`."""),
+    ("md", """With a few hundred trainable parameters - the prompt (or prefix) and the fresh head, the transformer itself frozen - both climb to 0.8-0.9 validation accuracy in 150 steps, below full fine-tuning.
+
+`benchmarks/finetune.py` runs all of these over several seeds with memory in bytes and step times, and adds a tiny BERT built from a config (no download) pre-trained on one synthetic sequence task and adapted to another; the table is in `benchmarks/RESULTS.md`."""),
 ]
 
 if __name__ == "__main__":

@@ -211,3 +211,23 @@ def test_techniques_that_record_parameter_names_before_lora_wraps_them(tmp_path:
     t = trainer(tmp_path, callbacks=[penalty, noise, LoRA(targets=["features.0", "head"], rank=2)])
     t.fit(module, datamodule=data())
     assert t.global_step == 3 and "features.0.weight" in penalty.parameter_names and penalty.last_coefficient > 0
+
+
+@pytest.mark.parametrize("name", ["LoRA", "QLoRA"])
+def test_test_stage_on_a_fresh_module_loads_an_adapted_checkpoint(name: str, tmp_path: Path) -> None:
+    # trainer.test(fresh_module, ckpt_path=...) with the callback: the adapters are inserted in its setup, so the
+    # adapted checkpoint loads strictly and the test computes what the trained module does
+    from lightning_techniques import registry
+
+    entry = registry.BY_NAME[name]
+    assert entry.recipe is not None
+    L.seed_everything(0)
+    module = entry.recipe.build_module()
+    t = trainer(tmp_path, steps=3, callbacks=[entry.build()], limit_test_batches=2)
+    t.fit(module, datamodule=data())
+    t.save_checkpoint(tmp_path / "adapted.ckpt")
+    expected = t.test(module, datamodule=data(), verbose=False)[0]["test_loss"]
+    fresh = entry.recipe.build_module()
+    got = trainer(tmp_path, steps=3, callbacks=[entry.build()], limit_test_batches=2).test(
+        fresh, datamodule=data(), ckpt_path=str(tmp_path / "adapted.ckpt"), weights_only=True, verbose=False)
+    assert got[0]["test_loss"] == pytest.approx(expected, abs=1e-6)

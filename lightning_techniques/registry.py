@@ -345,6 +345,15 @@ REGISTRY: tuple[Technique, ...] = (
        "Wu & He 2018; Ba, Kiros & Hinton 2016", _NB_QUICK,
        Recipe(module_kwargs={"channels": 4, "batch_norm": True}, data_kwargs={"batch_size": 4},
               kwargs={"to": "group", "num_groups": 2})),
+    _t("SyncBatchNormConversion", "normalization",
+       "Chosen BatchNorm layers converted to `nn.SyncBatchNorm` under DDP for one fit (statistics over the global "
+       "batch) and the original layers put back with the trained weights; a logged no-op in one process",
+       "Ioffe & Szegedy 2015; Peng et al. 2018 (MegDet)", _NB_QUICK,
+       Recipe(module_kwargs={"channels": 4, "batch_norm": True}, kwargs={"targets": ["features\\.6\\.0"]}),
+       exceptions={"ddp": "torch's nn.SyncBatchNorm synchronises CUDA / XPU tensors only: under the contract's CPU "
+                          "(gloo) DDP launch it is refused at setup; the single-process run is a logged no-op",
+                   "combinations": "a no-op in the single-process stack, refused (CPU) in the DDP stack that reuses "
+                                   "it; its own runs cover fit, resume and module untouched"}),
     # ------------------------------------------------------------------ issue #13: adversarial (helper REG-B)
     _t("AdversarialTraining", "regularization",
        "FGSM or PGD (L-inf / L2, seeded random start, input range) adversarial examples of each training batch, "

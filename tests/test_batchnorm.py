@@ -1,9 +1,11 @@
 """Batch-normalisation techniques: PreciseBN (statistics equal the hand-computed averages over the chosen batches),
 FreezeBatchNorm (statistics and affine weights do not move while the rest trains; restored), NormSwap (GroupNorm
-formula, carried weights, training with batch size 2, declared change), bad input."""
+formula, carried weights, training with batch size 2, declared change), SyncBatchNormConversion (convert / revert
+round trip, single-process no-op, refusals), bad input."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
@@ -13,9 +15,17 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_techniques import FreezeBatchNorm, NormSwap, PreciseBN
+from lightning_techniques import FreezeBatchNorm, NormSwap, PreciseBN, SyncBatchNormConversion
+from lightning_techniques._internal.compat import layer_sync_enabled
 from lightning_techniques.demo import DigitsCNN, DigitsDataModule
-from lightning_techniques.functional import batchnorm_layers, group_norm_from_batch_norm, precise_bn_stats_
+from lightning_techniques.functional import (
+    batchnorm_layers,
+    convert_sync_batchnorm_,
+    group_norm_from_batch_norm,
+    precise_bn_stats_,
+    revert_sync_batchnorm_,
+)
+from lightning_techniques.testing.contract import assert_fingerprints_equal, module_fingerprint
 
 
 def _trainer(callbacks: list[Any], tmp_path: Any, **kw: Any) -> L.Trainer:
@@ -228,3 +238,59 @@ def test_norm_swap_bad_input(tmp_path: Any) -> None:
     with pytest.raises(ValueError, match="not divisible into 3 groups"):
         _trainer([NormSwap(num_groups=3)], tmp_path).fit(model, datamodule=DigitsDataModule(batch_size=2))
     assert all(isinstance(model.features[i][0], nn.BatchNorm2d) for i in (1, 3, 6))  # nothing half-applied
+
+
+# ---------------------------------------------------------------------------------------------- SyncBatchNormConversion
+
+
+def test_sync_batchnorm_convert_and_revert_round_trip_keeps_the_module() -> None:
+    torch.manual_seed(0)
+    model = DigitsCNN(channels=4, batch_norm=True)
+    before = module_fingerprint(model)
+    originals = convert_sync_batchnorm_(model, ["features.1.0", "features.6.0"])
+    assert list(originals) == ["features.1.0", "features.6.0"]
+    sync = model.features[1][0]
+    assert isinstance(sync, nn.SyncBatchNorm) and isinstance(model.features[3][0], nn.BatchNorm2d)
+    assert sync.weight is originals["features.1.0"].weight  # shared parameters: the optimizer sees the same ones
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 1, 8, 8)
+    for _ in range(2):  # one process, no process group: SyncBatchNorm falls back to plain BN
+        optimizer.zero_grad()
+        model(x).sum().backward()
+        optimizer.step()
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    revert_sync_batchnorm_(model, originals)
+    assert model.features[1][0] is originals["features.1.0"]
+    assert_fingerprints_equal(before, module_fingerprint(model))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+    assert int(model.features[1][0].num_batches_tracked) == 2
+
+
+def test_sync_batchnorm_is_a_logged_no_op_in_one_process(tmp_path: Any, caplog: Any) -> None:
+    model = DigitsCNN(channels=4, batch_norm=True)
+    layer = model.features[6][0]
+    convert = SyncBatchNormConversion(targets=["features\\.6\\.0"])
+    with caplog.at_level(logging.INFO, logger="lightning_techniques.normalization.batchnorm"):
+        _trainer([convert], tmp_path, max_steps=2).fit(model, datamodule=DigitsDataModule(batch_size=16))
+    assert "single process has nothing to synchronise; features.6.0" in caplog.text
+    assert convert.converted == []
+    assert model.features[6][0] is layer and type(layer) is nn.BatchNorm2d
+    with pytest.raises(ValueError, match="'head' matches no layer of type _BatchNorm"):
+        _trainer([SyncBatchNormConversion(targets=["head"])], tmp_path).fit(
+            model, datamodule=DigitsDataModule(batch_size=16))
+
+
+def test_sync_batchnorm_refusals_under_ddp_settings(tmp_path: Any) -> None:
+    model = DigitsCNN(channels=4, batch_norm=True)
+    ddp = {"strategy": "ddp", "devices": 2, "accelerator": "cpu", "logger": False}
+    convert = SyncBatchNormConversion()
+    trainer = L.Trainer(callbacks=[convert], sync_batchnorm=True, **ddp)  # not launched: setup is called by hand
+    assert layer_sync_enabled(trainer) and not layer_sync_enabled(L.Trainer(logger=False))
+    with pytest.raises(ValueError, match="sync_batchnorm=True"):
+        convert.setup(trainer, model, "fit")
+    with pytest.raises(ValueError, match="CUDA / XPU tensors only; this run is on 'cpu'"):
+        convert.setup(L.Trainer(callbacks=[convert], **ddp), model, "fit")
+    assert all(type(model.features[i][0]) is nn.BatchNorm2d for i in (1, 3, 6))  # nothing half-applied
+    with pytest.raises(TypeError, match="targets"):
+        SyncBatchNormConversion(targets=5)  # type: ignore[arg-type]

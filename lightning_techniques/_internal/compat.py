@@ -48,6 +48,12 @@ def strategy_owns_accumulation(strategy: Strategy | Any) -> bool:
     return is_deepspeed(strategy) or bool(getattr(strategy, "handles_gradient_accumulation", False))
 
 
+def layer_sync_enabled(trainer: Any) -> bool:
+    """Whether ``Trainer(sync_batchnorm=True)`` (or a ``LayerSync`` plugin) is on: the strategy's private
+    ``_layer_sync`` (set by the accelerator connector on strategies that support it)."""
+    return getattr(trainer.strategy, "_layer_sync", None) is not None
+
+
 def is_combined_loader(obj: Any) -> bool:
     """True for Lightning's ``CombinedLoader``."""
     return isinstance(obj, CombinedLoader)

@@ -1,9 +1,11 @@
 """Batch-normalisation techniques: precise population statistics (:class:`PreciseBN`), frozen BatchNorm layers
-(:class:`FreezeBatchNorm`) and BatchNorm replaced by GroupNorm / LayerNorm (:class:`NormSwap`).
+(:class:`FreezeBatchNorm`), BatchNorm replaced by GroupNorm / LayerNorm (:class:`NormSwap`) and SyncBatchNorm on
+chosen layers under DDP (:class:`SyncBatchNormConversion`).
 
 Functional cores: :func:`batchnorm_layers` (the BN layers of a model, chosen by path / regex / type),
 :func:`precise_bn_stats_` (recompute running statistics as the average over given batches),
-:func:`group_norm_from_batch_norm` / :func:`swap_batch_norm_` (the swap, affine weights carried over).
+:func:`group_norm_from_batch_norm` / :func:`swap_batch_norm_` (the swap, affine weights carried over),
+:func:`convert_sync_batchnorm_` / :func:`revert_sync_batchnorm_` (chosen layers to ``nn.SyncBatchNorm`` and back).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from lightning_techniques._internal import compat
 from lightning_techniques._internal.batch import get_inputs
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.distributed import all_reduce_sum
@@ -398,7 +401,7 @@ class NormSwap(Callback):
     """
 
     takes_over: frozenset[str] = frozenset()
-    conflicts_with: tuple[str, ...] = ("PreciseBN", "FreezeBatchNorm")  # their BN layers go away
+    conflicts_with: tuple[str, ...] = ("PreciseBN", "FreezeBatchNorm", "SyncBatchNormConversion")  # BN goes away
     changes_module: bool = True
 
     def __init__(self, to: SwapTarget = "group", num_groups: int = 32, targets: list[str] | None = None) -> None:
@@ -436,3 +439,117 @@ class NormSwap(Callback):
         if self._changed and saved and saved != self._changed:
             raise ValueError(f"NormSwap: the checkpoint swapped {list(saved)}, this run swapped {list(self._changed)}; "
                              "use the same targets to resume.")
+
+
+# ------------------------------------------------------------------------------------ SyncBatchNorm on chosen layers
+
+
+def convert_sync_batchnorm_(model: nn.Module, paths: Sequence[str], process_group: Any = None,
+                            ) -> dict[str, _BatchNorm]:
+    """Replace the BatchNorm layers at ``paths`` in place with ``nn.SyncBatchNorm`` layers that share their
+    parameters and buffers (``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` per layer); returns the original
+    layer objects by path, for :func:`revert_sync_batchnorm_`. Layers already synchronised are left alone."""
+    originals: dict[str, _BatchNorm] = {}
+    for path in paths:
+        layer = model.get_submodule(path)
+        if isinstance(layer, nn.SyncBatchNorm) or not isinstance(layer, _BatchNorm):
+            continue
+        originals[path] = layer
+        _set_submodule(model, path, nn.SyncBatchNorm.convert_sync_batchnorm(layer, process_group))
+    return originals
+
+
+def revert_sync_batchnorm_(model: nn.Module, originals: dict[str, _BatchNorm]) -> None:
+    """Put the original layer objects back at their paths, carrying the trained parameters and the current buffers
+    (and mode) of the ``SyncBatchNorm`` layers that replaced them: class, attributes and hooks are the originals'."""
+    for path, original in originals.items():
+        current = model.get_submodule(path)
+        for name in list(original._parameters):
+            original._parameters[name] = current._parameters.get(name)
+        for name in list(original._buffers):
+            original._buffers[name] = current._buffers.get(name)
+        original.train(current.training)
+        _set_submodule(model, path, original)
+
+
+class SyncBatchNormConversion(Callback):
+    """Synchronise the statistics of chosen BatchNorm layers across DDP processes (``nn.SyncBatchNorm``) for one fit.
+
+    Ioffe & Szegedy 2015 (BatchNorm); synchronised BN as in Peng et al., "MegDet", CVPR 2018 (cross-GPU BN for
+    small per-GPU batches). Under DDP each process normalises with the statistics of its own share of the batch;
+    with small per-device batches that share is too small for good estimates, and ``nn.SyncBatchNorm`` computes
+    them over the global batch. In ``setup`` (before Lightning wraps the model in DDP and builds the optimizer) the
+    chosen layers become ``nn.SyncBatchNorm`` layers that share their parameters and buffers; at teardown - and on
+    an exception - the original layer objects are put back with the trained parameters and the current buffers, so
+    after ``fit`` the module has its own classes again.
+
+    Versus ``Trainer(sync_batchnorm=True)``: Lightning converts *every* BN layer of the module and, at teardown,
+    turns them into ``torch.nn.modules.batchnorm._BatchNormXd`` layers (not your original classes). This callback
+    converts only the layers you choose (e.g. a detection head trained on few samples per device, not a frozen
+    backbone), builds from YAML beside the other techniques, and leaves the module exactly as it found it. Using both
+    is refused (the Trainer flag would re-convert these layers).
+
+    In a single process there is nothing to synchronise: the callback logs that at INFO level and changes nothing
+    (the BN layers are still checked, so a wrong ``targets`` fails here as it would under DDP).
+
+    Args:
+        targets: which BN layers - paths, regular expressions matched in full, or layer types; default all.
+
+    Example::
+
+        trainer = L.Trainer(strategy="ddp", devices=4, callbacks=[SyncBatchNormConversion(targets=["head\\\\..*"])])
+
+    Limits: ``nn.SyncBatchNorm`` synchronises CUDA / XPU tensors only - under DDP on CPU (gloo) it is refused at
+    setup; refused under FSDP / DeepSpeed (sharded modules); the process group is the world.
+    """
+
+    takes_over: frozenset[str] = frozenset()
+    conflicts_with: tuple[str, ...] = ("NormSwap",)
+
+    def __init__(self, targets: list[str] | None = None) -> None:
+        if targets is not None:
+            targets = check_targets("targets", targets)
+        self.targets = targets
+        self.converted: list[str] = []
+        self._originals: dict[str, _BatchNorm] = {}
+        self._module: nn.Module | None = None
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_conflicts(trainer, self)
+        paths = [path for path, _ in batchnorm_layers(pl_module, self.targets)]
+        if int(trainer.world_size) <= 1:
+            _log.info("SyncBatchNormConversion: a single process has nothing to synchronise; %s left as they are.",
+                      ", ".join(paths))
+            return
+        if compat.shards_parameters(trainer.strategy):
+            raise ValueError(f"SyncBatchNormConversion does not support {type(trainer.strategy).__name__}.")
+        if compat.layer_sync_enabled(trainer):
+            raise ValueError("SyncBatchNormConversion with Trainer(sync_batchnorm=True): the Trainer already "
+                             "converts every BatchNorm layer; use one of the two.")
+        if trainer.strategy.root_device.type not in ("cuda", "xpu"):
+            raise ValueError(f"SyncBatchNormConversion: torch's nn.SyncBatchNorm synchronises CUDA / XPU tensors "
+                             f"only; this run is on {trainer.strategy.root_device.type!r}.")
+        self._release()
+        self._originals = convert_sync_batchnorm_(pl_module, paths)
+        self._module = pl_module
+        self.converted = list(self._originals)
+
+    def _release(self) -> None:
+        if self._module is not None and self._originals:
+            revert_sync_batchnorm_(self._module, self._originals)
+        self._originals, self._module = {}, None
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._release()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit":
+            self._release()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"converted": list(self.converted)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # the conversion follows from the arguments and the run

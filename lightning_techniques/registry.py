@@ -360,7 +360,8 @@ REGISTRY: tuple[Technique, ...] = (
        "their loss added through the loss-term mechanism; input-only gradients (DDP reducer and parameter grads "
        "untouched), fp16 loss scale, BatchNorm statistics from the clean forward only",
        "Goodfellow, Shlens & Szegedy 2015; Madry, Makelov, Schmidt, Tsipras & Vladu 2018", _NB_QUICK,
-       Recipe(kwargs={"method": "pgd", "eps": 0.1, "steps": 2, "input_range": [0.0, 1.0], "seed": 1})),
+       # no input_range: beside a normalisation technique (the stack) the inputs are z-scores, not pixels in [0, 1]
+       Recipe(kwargs={"method": "pgd", "eps": 0.1, "steps": 2, "seed": 1})),
     _t("VirtualAdversarialTraining", "regularization",
        "Virtual adversarial training: the KL divergence between the predictions at x and at x + r_adv, r_adv from "
        "power iteration (fp32 outside autocast), no labels needed, added through the loss-term mechanism; seeded, "

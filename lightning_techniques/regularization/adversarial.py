@@ -362,7 +362,8 @@ class AdversarialTraining(_AdversarialTerm):
         weight: coefficient of the adversarial loss (>= 0; 0 switches the term off at no cost).
         norm: ``"linf"`` or ``"l2"``.
         random_start: PGD starts at a random point of the ball.
-        input_range: ``[low, high]`` the adversarial inputs are clamped to (e.g. ``[0, 1]`` for images in [0, 1]).
+        input_range: ``[low, high]`` the adversarial inputs are clamped to (e.g. ``[0, 1]`` for images in [0, 1]),
+            in the units ``training_step`` sees: after batch transforms such as :class:`ZScoreNormalization`.
         criterion_attr: the module's criterion attribute (default: its single loss-module attribute).
         input_key, target_key: where the input / target is in a dict or tuple batch (default: element 0 / 1, or the
             usual keys ``x``/``input``... and ``y``/``target``...).
@@ -465,7 +466,7 @@ class VirtualAdversarialTraining(_AdversarialTerm):
             784 pixels and 8.0 on CIFAR-10's 3072 ZCA values).
         power_iterations: power-method steps (paper: 1 suffices).
         weight: coefficient ``alpha`` of the smoothness loss (>= 0; paper: 1).
-        input_range: ``[low, high]`` the perturbed inputs are clamped to.
+        input_range: ``[low, high]`` the perturbed inputs are clamped to (in the units ``training_step`` sees).
         input_key: where the input is in a dict or tuple batch (default: element 0, or the usual keys).
         seed: base seed of the random start direction.
         log_values: log ``vat/loss`` at the ``log_every_n_steps`` cadence.

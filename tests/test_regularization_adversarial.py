@@ -290,6 +290,17 @@ def test_a_module_without_a_criterion_attribute_is_refused_in_setup():
         _trainer(max_steps=1, callbacks=[AdversarialTraining()]).fit(NoCriterion(), DigitsDataModule(batch_size=16))
 
 
+def test_discrete_inputs_are_refused_with_a_clear_error():
+    technique = AdversarialTraining()
+    technique._criterion_name = "criterion"
+    model = DeepMLP(depth=2, width=8)
+    batch = (torch.zeros(4, 64, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="floating-point"):
+        technique._term(model, batch, 0, torch.zeros(()))
+    with pytest.raises(TypeError, match="floating-point"):
+        VirtualAdversarialTraining()._term(model, batch, 0, torch.zeros(()))
+
+
 # ------------------------------------------------------------------------------------------------ effect
 def _robust_accuracy(model: Any, data: DigitsDataModule, eps: float) -> tuple[float, float]:
     model.eval()

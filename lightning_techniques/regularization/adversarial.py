@@ -318,6 +318,16 @@ class _AdversarialTerm(Callback):
     def _term(self, module: nn.Module, batch: Any, batch_idx: int, loss: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _inputs(self, batch: Any) -> torch.Tensor:
+        x = get_inputs(batch, self.input_key)
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{type(self).__name__} perturbs the batch's input, which must be a floating-point tensor; got "
+                f"{x.dtype} (token ids or other discrete inputs cannot be perturbed). Use input_key=... to name "
+                "a continuous input."
+            )
+        return x
+
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self._handle is not None:
             self._handle.remove()
@@ -431,7 +441,7 @@ class AdversarialTraining(_AdversarialTerm):
     def _term(self, module: nn.Module, batch: Any, batch_idx: int, loss: torch.Tensor) -> torch.Tensor:
         if self.weight == 0.0:
             return loss.new_zeros(())
-        x, y = get_inputs(batch, self.input_key), get_targets(batch, self.target_key)
+        x, y = self._inputs(batch), get_targets(batch, self.target_key)
         generator = self._generator(module, batch_idx, x.device) if self.method == "pgd" else None
         x_adv = self.attack(module, x, y, generator)
         with preserved_batchnorm_stats(module):
@@ -509,7 +519,7 @@ class VirtualAdversarialTraining(_AdversarialTerm):
     def _term(self, module: nn.Module, batch: Any, batch_idx: int, loss: torch.Tensor) -> torch.Tensor:
         if self.weight == 0.0:
             return loss.new_zeros(())
-        x = get_inputs(batch, self.input_key)
+        x = self._inputs(batch)
         value = vat_loss(module, x, self.xi, self.eps, self.power_iterations,
                          generator=self._generator(module, batch_idx, x.device), input_range=self.input_range,
                          grad_scale=self._grad_scale)

@@ -423,14 +423,14 @@ REGISTRY: tuple[Technique, ...] = (
        "Reports a logged metric to an Optuna trial at every validation (by global step: several per epoch work) and "
        "stops unpromising runs on every rank at once (trial on rank 0 only, decision broadcast under DDP); never "
        "reports a step twice after a resume; a monitor the module never logs fails at the first validation",
-       "Akiba, Sano, Yanase, Ohta & Koyama 2019 (Optuna); Jamieson & Talwalkar 2016; Li et al. 2018", _NB_QUICK,
+       "Akiba, Sano, Yanase, Ohta & Koyama 2019 (Optuna); Jamieson & Talwalkar 2016; Li et al. 2018", _NB_SEARCH,
        # the recipe's callback has no trial of its own: it reports into a one-trial in-memory study (never prunes)
        Recipe(kwargs={"monitor": "val_loss"}, trainer=EVAL_TRAINER), extra="hpo"),
     _t("RayTuneReport", "search",
        "Reports the monitored metrics (with global step and epoch) to the Ray Tune trial at every validation end "
        "with a Lightning checkpoint, so ASHA can stop the trial and Ray resume it; a monitor never logged fails at "
        "the first validation; outside a Tune trial it only records (driver: ray_search, the same YAML space)",
-       "Liaw et al. 2018 (Tune); Li et al. 2020 (ASHA)", _NB_QUICK,
+       "Liaw et al. 2018 (Tune); Li et al. 2020 (ASHA)", _NB_SEARCH,
        # the recipe runs outside a Ray Tune trial (it records the reports); inside one: tests/test_search_ray.py
        Recipe(kwargs={"monitor": ["val_loss", "val_acc"]}, trainer=EVAL_TRAINER), extra="ray"),
 )

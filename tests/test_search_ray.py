@@ -155,7 +155,8 @@ def test_driver_starts_a_bounded_cluster_asha_stops_bad_trials_and_home_is_untou
     result = ray_search(config=_config(), space=SPACE, num_samples=4, num_cpus=2, max_concurrent_trials=1,
                         grace_period=1, reduction_factor=2, out=out, seed=3)
     assert not ray.is_initialized()  # the driver's cluster is stopped
-    assert "RAY_AUTH_TOKEN" not in os.environ  # the cluster's token is gone with it
+    assert "RAY_AUTH_TOKEN" not in os.environ and "RAY_AUTH_MODE" not in os.environ  # the token is gone with it
+    # (ray.init sets RAY_AUTH_MODE in this process: left set, the module's second cluster would not start)
     assert _files(home) == []
 
     frame = result.results.get_dataframe()

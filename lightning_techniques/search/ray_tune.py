@@ -225,6 +225,16 @@ def _short_enough(folder: Path) -> bool:
     return len(str(folder.resolve())) + _SOCKET_SUFFIX <= 107
 
 
+def _refresh_ray_config() -> None:
+    """Ray caches its settings (the authentication mode among them) from the environment at first use; after the
+    environment changed, read it again - what Ray itself does when it turns token authentication on."""
+    try:
+        from ray._raylet import Config  # type: ignore[attr-defined]
+    except ImportError:  # pragma: no cover - another Ray layout: its settings are read at ray.init
+        return
+    Config.initialize("")
+
+
 _TOKEN: list[str] = []
 
 
@@ -257,6 +267,8 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = 2, num_gpus: 
             user_token = any(os.environ.get(key) for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"))
             if not user_token and not (Path.home() / ".ray" / "auth_token").is_file():
                 os.environ["RAY_AUTH_TOKEN"] = _process_token()
+                os.environ["RAY_AUTH_MODE"] = "token"  # said explicitly: Ray then does not warn about the mode
+                _refresh_ray_config()
             folder = Path(temp_dir) if temp_dir is not None else Path(tempfile.gettempdir()) / "ray"
             if not _short_enough(folder):
                 # Ray's socket paths would pass the AF_UNIX limit: a short folder in the system temp dir instead,
@@ -276,6 +288,8 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = 2, num_gpus: 
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        if started:
+            _refresh_ray_config()
         if cleanup is not None:
             shutil.rmtree(cleanup, ignore_errors=True)
 
@@ -488,7 +502,7 @@ def ray_search(
         tune.with_parameters(_quiet_trial if quiet else _trial, space=parsed, base=base, build=build, metric=metric),
         {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
     with ray_cluster(address, num_cpus, num_gpus, temp_dir if temp_dir is not None else out / "ray_tmp"), \
-            warnings.catch_warnings():
+            _environment(quiet), warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=r"ray\..*")
         restored = tune.Tuner.can_restore(str(experiment))
         if restored:
@@ -511,6 +525,21 @@ def ray_search(
             )
         grid = tuner.fit()
     return _summarize(grid, parsed, base, metric, mode, score, out, experiment, restored)
+
+
+@contextlib.contextmanager
+def _environment(quiet: bool) -> Iterator[None]:
+    """With ``quiet``: Ray Tune's warning that checkpoints are frequent (each validation reports one, by design)
+    switched off for the search, unless the user set its threshold; the environment is restored afterwards."""
+    key = "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"
+    set_here = quiet and key not in os.environ
+    if set_here:
+        os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if set_here:
+            os.environ.pop(key, None)
 
 
 def _trial_dirname(trial: Any) -> str:

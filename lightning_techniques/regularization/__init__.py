@@ -1,5 +1,11 @@
 """Regularisation techniques."""
 
+from lightning_techniques.regularization.activation_noise import (
+    ActivationDropout,
+    ActivationNoise,
+    activation_noise,
+    dropout_mask,
+)
 from lightning_techniques.regularization.adversarial import (
     AdversarialTraining,
     VirtualAdversarialTraining,
@@ -29,6 +35,8 @@ from lightning_techniques.regularization.penalties import (
 )
 
 __all__ = [
+    "ActivationDropout",
+    "ActivationNoise",
     "AdversarialTraining",
     "DropoutSchedule",
     "EarlyStopping",
@@ -38,7 +46,9 @@ __all__ = [
     "MCDropout",
     "VirtualAdversarialTraining",
     "WeightNoise",
+    "activation_noise",
     "dropout_layers",
+    "dropout_mask",
     "fgsm",
     "input_gradient",
     "mc_dropout_predict",

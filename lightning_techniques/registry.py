@@ -145,25 +145,25 @@ REGISTRY: tuple[Technique, ...] = (
        "Xavier/Glorot, He/Kaiming (fan-in/out, nonlinearity-aware), orthogonal, uniform, normal or zero init per "
        "layer type / name pattern, biases constant; once at fit start (never on resume), rank 0 + broadcast; "
        "refuses symmetric zero stacks",
-       "Glorot & Bengio 2010; He, Zhang, Ren & Sun 2015; Saxe, McClelland & Ganguli 2014", _NB_QUICK,
+       "Glorot & Bengio 2010; He, Zhang, Ren & Sun 2015; Saxe, McClelland & Ganguli 2014", _NB_REG,
        Recipe(kwargs={"scheme": "kaiming_normal", "by_name": {"head": "zeros"}, "seed": 3})),
     _t("L1Penalty", "regularization",
        "`lambda * sum |w|` over the weights (not biases / norm parameters; regex / layer-type selection) added to the "
        "training loss through the loss-term mechanism, linear warm-up, logged; drives weights to zero",
-       "Tibshirani 1996", _NB_QUICK, Recipe(kwargs={"coefficient": 1e-4, "warmup_steps": 2})),
+       "Tibshirani 1996", _NB_REG, Recipe(kwargs={"coefficient": 1e-4, "warmup_steps": 2})),
     _t("L2Penalty", "regularization",
        "`lambda * sum w^2` over the weights added to the training loss (same selection, warm-up, logging); "
        "decoupled weight decay is `OptimizerCallback(\"adamw\", weight_decay=...)`",
-       "Hoerl & Kennard 1970; Krogh & Hertz 1992", _NB_QUICK, Recipe(kwargs={"coefficient": 1e-3})),
+       "Hoerl & Kennard 1970; Krogh & Hertz 1992", _NB_REG, Recipe(kwargs={"coefficient": 1e-3})),
     _t("LabelSmoothing", "regularization",
        "Smoothed targets `(1 - eps) y + eps / K` for the training batches through the criterion mechanism: "
        "`label_smoothing` of `nn.CrossEntropyLoss` (class weights included), smoothed targets for `FocalLoss`; "
        "validation loss left plain",
-       "Szegedy, Vanhoucke, Ioffe, Shlens & Wojna 2016", _NB_QUICK, Recipe(kwargs={"epsilon": 0.1})),
+       "Szegedy, Vanhoucke, Ioffe, Shlens & Wojna 2016", _NB_REG, Recipe(kwargs={"epsilon": 0.1})),
     _t("DropoutSchedule", "regularization",
        "Schedules the rate of the model's dropout layers over training (linear warm-up or curriculum dropout's "
        "exponential approach to each layer's own or a common target), by optimizer step; rates restored at teardown",
-       "Morerio, Cavazza, Volpi, Vidal & Murino 2017", _NB_QUICK,
+       "Morerio, Cavazza, Volpi, Vidal & Murino 2017", _NB_REG,
        # dropout masks come from the global random state, which Lightning's checkpoints lack: with RNGStateCheckpoint
        Recipe(module_kwargs={"channels": 4, "dropout": 0.3}, kwargs={"steps": 6, "schedule": "curriculum"},
               with_=("RNGStateCheckpoint",))),
@@ -171,14 +171,14 @@ REGISTRY: tuple[Technique, ...] = (
        "Monte-Carlo dropout at test / validation / predict: K stochastic passes with only the dropout layers "
        "active; accuracy and NLL of the mean prediction, predictive entropy and mutual information logged "
        "(DDP-summed), predict results kept",
-       "Gal & Ghahramani 2016", _NB_QUICK,
+       "Gal & Ghahramani 2016", _NB_REG,
        Recipe(module_kwargs={"channels": 4, "dropout": 0.3}, kwargs={"num_samples": 3, "stages": ["validate", "test"]},
               trainer=EVAL_TRAINER, with_=("RNGStateCheckpoint",))),  # (training a dropout model: see above)
     _t("WeightNoise", "regularization",
        "Gaussian (additive or multiplicative) noise on the weights for each training forward/backward; the clean "
        "weights are put back before the optimizer step, so checkpoints and validation never hold noise; seeded by "
        "step, batch and rank",
-       "Graves 2011; Murray & Edwards 1994", _NB_QUICK, Recipe(kwargs={"std": 0.01, "seed": 1})),
+       "Graves 2011; Murray & Edwards 1994", _NB_REG, Recipe(kwargs={"std": 0.01, "seed": 1})),
     # end of issue #13 block
     # ------------------------------------------------------------------------------------------------ reproducibility
     _t("RNGStateCheckpoint", "reproducibility",
@@ -331,7 +331,7 @@ REGISTRY: tuple[Technique, ...] = (
     _t("PreciseBN", "normalization",
        "BatchNorm running statistics recomputed before each validation / at fit end as the true average over N "
        "training batches (seeded choice, train-stage batch hooks, exact all-reduce under DDP), modes restored",
-       "Wu & Johnson 2021", _NB_QUICK,
+       "Wu & Johnson 2021", _NB_REG,
        Recipe(module_kwargs={"channels": 4, "batch_norm": True}, kwargs={"num_batches": 3, "seed": 1},
               trainer=EVAL_TRAINER)),
     _t("FreezeBatchNorm", "normalization",
@@ -342,7 +342,7 @@ REGISTRY: tuple[Technique, ...] = (
     _t("NormSwap", "normalization",
        "BatchNorm layers replaced by GroupNorm / LayerNorm / InstanceNorm for tiny batches, in `setup` before the "
        "optimizer is built; per-channel affine weights carried over, running statistics dropped (a declared change)",
-       "Wu & He 2018; Ba, Kiros & Hinton 2016", _NB_QUICK,
+       "Wu & He 2018; Ba, Kiros & Hinton 2016", _NB_REG,
        Recipe(module_kwargs={"channels": 4, "batch_norm": True}, data_kwargs={"batch_size": 4},
               kwargs={"to": "group", "num_groups": 2})),
     _t("SyncBatchNormConversion", "normalization",
@@ -370,14 +370,14 @@ REGISTRY: tuple[Technique, ...] = (
        "FGSM or PGD (L-inf / L2, seeded random start, input range) adversarial examples of each training batch, "
        "their loss added through the loss-term mechanism; input-only gradients (DDP reducer and parameter grads "
        "untouched), fp16 loss scale, BatchNorm statistics from the clean forward only",
-       "Goodfellow, Shlens & Szegedy 2015; Madry, Makelov, Schmidt, Tsipras & Vladu 2018", _NB_QUICK,
+       "Goodfellow, Shlens & Szegedy 2015; Madry, Makelov, Schmidt, Tsipras & Vladu 2018", _NB_REG,
        # no input_range: beside a normalisation technique (the stack) the inputs are z-scores, not pixels in [0, 1]
        Recipe(kwargs={"method": "pgd", "eps": 0.1, "steps": 2, "seed": 1})),
     _t("VirtualAdversarialTraining", "regularization",
        "Virtual adversarial training: the KL divergence between the predictions at x and at x + r_adv, r_adv from "
        "power iteration (fp32 outside autocast), no labels needed, added through the loss-term mechanism; seeded, "
        "BatchNorm statistics untouched",
-       "Miyato, Maeda, Koyama & Ishii 2018", _NB_QUICK,
+       "Miyato, Maeda, Koyama & Ishii 2018", _NB_REG,
        Recipe(kwargs={"eps": 1.0, "power_iterations": 1, "seed": 1})),
     # ------------------------------------------------------------------ issue #11: LoRA, QLoRA (helper LORA)
     _t("LoRA", "finetune",

@@ -17,7 +17,7 @@ Every technique here is a callback on a stock `lightning.Trainer`; the demo modu
 2. **`L1Penalty`** (and `L2Penalty`) vs. no penalty: the histogram of the weights;
 3. **`DropoutSchedule`**: the dropout rate over training (linear warm-up, curriculum dropout);
 4. **`MCDropout`**: predictive uncertainty on correct vs. wrong test predictions, beside the single deterministic pass;
-5. **`WeightNoise`**: training with noisy weights, checkpointed weights clean;
+5. **`WeightNoise`**, **`ActivationNoise`**, **`ActivationDropout`**: training with noisy weights / activations, the model after `fit` clean;
 6. **`LabelSmoothing`**: the confidence of the predictions;
 7. **`AdversarialTraining`** (PGD) and **`VirtualAdversarialTraining`**: accuracy under a PGD attack beside standard training;
 8. **`PreciseBN`** and **`NormSwap`**: BatchNorm trained with batches of two.
@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lightning_techniques import (AdversarialTraining, DropoutSchedule, L1Penalty, L2Penalty, LabelSmoothing,
-                                  LSUVInit, MCDropout, VirtualAdversarialTraining, WeightInit, WeightNoise)
+from lightning_techniques import (ActivationDropout, ActivationNoise, AdversarialTraining, DropoutSchedule, L1Penalty,
+                                  L2Penalty, LabelSmoothing, LSUVInit, MCDropout, VirtualAdversarialTraining, WeightInit,
+                                  WeightNoise)
 from lightning_techniques.functional import init_weights, lsuv_init, mc_dropout_predict, pgd, scheduled_dropout
 from lightning_techniques.demo import DeepMLP, DigitsCNN, DigitsDataModule
 
@@ -191,14 +192,18 @@ for name, score, correct in [('deterministic entropy', single, correct_det), ('M
           f'AUROC for errors {auroc(score, ~correct):.3f}')"""),
     ("md", """## 5. Weight noise
 
-`WeightNoise(std)` perturbs the weights before each training forward pass and puts the clean values back before the optimizer step (Graves 2011), so the gradient is taken at `w + noise` and applied to `w`: checkpoints, validation and the weights after `fit` never hold noise. The training loss of the noisy run is measured at the noisy weights; the test accuracy is that of the clean weights. One seed on a small CNN: read it as a demonstration of the mechanism, not as a measured gain."""),
-    ("code", """noisy, noisy_losses = fit_cnn([WeightNoise(std=0.02, seed=0)])
+`WeightNoise(std)` perturbs the weights before each training forward pass and puts the clean values back before the optimizer step (Graves 2011), so the gradient is taken at `w + noise` and applied to `w`: checkpoints, validation and the weights after `fit` never hold noise. The training loss of the noisy run is measured at the noisy weights; the test accuracy is that of the clean weights. `ActivationNoise` adds Gaussian noise to the outputs of chosen layers (here the first ReLU) and `ActivationDropout` drops elements of them (here the last ReLU), through forward hooks active in training batches only and removed after `fit` - the model is not edited. One seed on a small CNN: read it as a demonstration of the mechanisms, not as a measured gain."""),
+    ("code", """noise_runs = {'no noise': (baseline, baseline_losses),
+              'WeightNoise(std=0.02)': fit_cnn([WeightNoise(std=0.02, seed=0)]),
+              'ActivationNoise(["features.1"], std=0.2)': fit_cnn([ActivationNoise(['features.1'], std=0.2, seed=0, log=False)]),
+              'ActivationDropout(["features.6"], p=0.2)': fit_cnn([ActivationDropout(['features.6'], p=0.2, seed=0)])}
 fig, ax = plt.subplots(figsize=(6.5, 3))
 smooth = lambda v: np.convolve(v, np.ones(10) / 10, mode='valid')
-ax.plot(smooth(baseline_losses), c='grey', label='no noise')
-ax.plot(smooth(noisy_losses), c='tab:purple', label='WeightNoise(std=0.02): loss at the noisy weights')
+for (name, (model, losses)), colour in zip(noise_runs.items(), ['grey', 'tab:purple', 'tab:orange', 'tab:cyan']):
+    ax.plot(smooth(losses), c=colour, label=name)
 ax.set_xlabel('step'); ax.set_ylabel('training loss (10-step mean)'); ax.legend(fontsize=8); plt.show()
-print(f'test acc: no noise {accuracy(baseline):.3f}, WeightNoise {accuracy(noisy):.3f} (clean weights)')"""),
+for name, (model, _) in noise_runs.items():
+    print(f'{name:42s} test acc {accuracy(model):.3f}')"""),
     ("md", """## 6. Label smoothing: less over-confident predictions
 
 `LabelSmoothing(0.1)` sets the module's own `nn.CrossEntropyLoss` to `label_smoothing=0.1` for the run (the criterion mechanism; restored afterwards). The targets become 0.9 / 0.1 spread over the classes, so the network stops pushing its top probability towards 1."""),

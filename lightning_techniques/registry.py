@@ -357,13 +357,13 @@ REGISTRY: tuple[Technique, ...] = (
     _t("ActivationNoise", "regularization",
        "Gaussian noise (additive or multiplicative, scheduled scale) on the outputs of chosen layers in training "
        "batches only, through forward hooks removed at teardown / on an exception; seeded by step, micro-batch, rank",
-       "Poole, Sohl-Dickstein & Ganguli 2014; Srivastava et al. 2014 (Gaussian dropout)", _NB_QUICK,
+       "Poole, Sohl-Dickstein & Ganguli 2014; Srivastava et al. 2014 (Gaussian dropout)", _NB_REG,
        Recipe(kwargs={"targets": ["features.1"], "std": 0.2, "final_std": 0.0, "schedule": "linear",
                       "schedule_steps": 6, "seed": 1})),
     _t("ActivationDropout", "regularization",
        "Dropout inserted after chosen layers through forward hooks (no layers added, `state_dict` unchanged), in "
        "training batches only; masks seeded by step, micro-batch and rank, so resume is exact without RNG state",
-       "Srivastava et al. 2014", _NB_QUICK,
+       "Srivastava et al. 2014", _NB_REG,
        Recipe(kwargs={"targets": ["features.6"], "p": 0.2, "seed": 1})),
     # ------------------------------------------------------------------ issue #13: adversarial (helper REG-B)
     _t("AdversarialTraining", "regularization",

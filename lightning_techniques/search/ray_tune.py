@@ -501,8 +501,9 @@ def ray_search(
     trainable = tune.with_resources(
         tune.with_parameters(_quiet_trial if quiet else _trial, space=parsed, base=base, build=build, metric=metric),
         {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
-    with ray_cluster(address, num_cpus, num_gpus, temp_dir if temp_dir is not None else out / "ray_tmp"), \
-            _environment(quiet), warnings.catch_warnings():
+    with warnings.catch_warnings(), \
+            ray_cluster(address, num_cpus, num_gpus, temp_dir if temp_dir is not None else out / "ray_tmp"), \
+            _environment(quiet):
         warnings.filterwarnings("ignore", module=r"ray\..*")
         restored = tune.Tuner.can_restore(str(experiment))
         if restored:

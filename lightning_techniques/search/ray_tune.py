@@ -516,8 +516,11 @@ def ray_search(
                 trainable,
                 param_space=param_space(parsed),
                 tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=num_samples, scheduler=sched,
-                                            search_alg=BasicVariantGenerator(random_state=seed),
-                                            max_concurrent_trials=max_concurrent_trials, reuse_actors=True,
+                                            # the cap goes to the generator: Ray ignores TuneConfig's
+                                            # max_concurrent_trials beside a search_alg instance (it warns)
+                                            search_alg=BasicVariantGenerator(
+                                                random_state=seed, max_concurrent=max_concurrent_trials or 0),
+                                            reuse_actors=True,
                                             time_budget_s=time_budget_s, trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(
                     name=name, storage_path=str(out.resolve()), verbose=verbose,

@@ -16,6 +16,7 @@ from lightning_techniques.finetune.prompt import (
     PROMPT_NAME,
     PrefixTuning,
     PromptTuning,
+    SoftPrompt,
     add_soft_prompt,
     remove_soft_prompt,
     sequence_dim,
@@ -44,6 +45,7 @@ def test_soft_prompt_prepends_then_replaces_and_is_removable() -> None:
     assert not torch.allclose(after, before)
     probe.remove()
     prompt0, prompt1 = model.blocks[0].soft_prompt, model.blocks[1].soft_prompt
+    assert isinstance(prompt0, SoftPrompt) and isinstance(prompt1, SoftPrompt)
     h = torch.randn(2, 5, 16)
     assert torch.equal(prompt0(h)[:, :3], prompt0.tokens.expand(2, -1, -1)) and torch.equal(prompt0(h)[:, 3:], h)
     assert torch.equal(prompt1(h)[:, :3], prompt1.tokens.expand(2, -1, -1)) and torch.equal(prompt1(h)[:, 3:], h[:, 3:])

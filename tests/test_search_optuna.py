@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from lightning_techniques.demo import DigitsCNN, DigitsDataModule
-from lightning_techniques.search import OptunaPruning, SearchSpaceError, optuna_search
+from lightning_techniques.search import OptunaPruning, SearchResult, SearchSpaceError, optuna_search
 from lightning_techniques.search.optuna_search import make_pruner, make_sampler
 from lightning_techniques.search.space import SearchSpace, build_from_config, load_config
 
@@ -103,7 +103,7 @@ def test_a_time_budget_ends_the_search(config: dict, tmp_path: Path) -> None:
     start = time.monotonic()
     result = optuna_search(config=config, space=SPACE, timeout=1.0, sampler="random", pruner="none",
                            out=tmp_path / "out", plots=False, show_progress_bar=False)
-    assert result is not None and result.counts["complete"] >= 1
+    assert isinstance(result, SearchResult) and result.counts["complete"] >= 1
     assert time.monotonic() - start < 30  # stops after the trial running when the budget is spent
 
 

@@ -31,15 +31,24 @@ def _grads(parameters: Iterable[Tensor]) -> list[Tensor]:
     return [p.grad.detach() for p in parameters if p.grad is not None]
 
 
+def _float32_norms(tensors: Sequence[Tensor], device: torch.device) -> list[Tensor]:
+    """The L2 norm of every tensor in float32 on ``device``: one ``torch._foreach_norm`` (no cast or copy of
+    float32 tensors; others are reduced in float32, so fp16/bf16 values cannot overflow it)."""
+    tensors = list(tensors)
+    if all(t.dtype == torch.float32 for t in tensors):
+        norms = torch._foreach_norm(tensors, 2)
+    else:
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    return [n if n.device == device else n.to(device) for n in norms]
+
+
 def grad_norm_tensor(grads: Sequence[Tensor]) -> Tensor:
     """L2 norm of all ``grads`` together as a float32 0-d tensor on their device, without a host sync: one fused
     ``torch._foreach_norm`` over the tensors (computed in float32, so fp16/bf16 gradients cannot overflow it) and the
     norm of the stacked per-tensor norms, as ``torch.nn.utils.clip_grad_norm_`` does."""
     if not grads:
         return torch.zeros(())
-    norms = torch._foreach_norm(list(grads), 2, dtype=torch.float32)
-    device = grads[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    return torch.linalg.vector_norm(torch.stack(_float32_norms(grads, grads[0].device)))
 
 
 def total_grad_norm(parameters: Iterable[Tensor]) -> float:
@@ -68,53 +77,66 @@ def _row_norms(x: Tensor) -> Tensor:
 
 def _unit_norm_vector(mats: list[Tensor], vecs: list[Tensor], device: torch.device) -> Tensor:
     """The unit norms of ``mats`` (one per output unit, in order) followed by the whole-tensor norms of ``vecs``
-    (scalars and vectors), as one float32 vector on ``device``."""
+    (scalars and vectors, one fused ``torch._foreach_norm``), as one float32 vector on ``device``."""
     parts = [_row_norms(t) for t in mats]
-    if vecs:  # per tensor: torch._foreach_norm's CPU kernel is slower than separate norms for a few small tensors
-        parts.append(torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32) for t in vecs]))
     parts = [t if t.device == device else t.to(device) for t in parts]
+    if vecs:
+        parts.append(torch.stack(_float32_norms(vecs, device)))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @torch.no_grad()
-def _agc_(
-    params: Sequence[Tensor], clipping: float, eps: float, skip_nonfinite: bool = False
-) -> tuple[Tensor, Tensor, Tensor]:
-    """AGC on the parameters that have a gradient, without a host sync: the unit norms of every tensor are
-    gathered into one vector (one norm op per tensor, none per unit), the clipping
-    factors are computed in one batch of vector ops and applied with one fused ``torch._foreach_mul_``.
-    Returns ``(norm_before, norm_after, units_clipped)`` as 0-d tensors; the total norms come from the unit norms
-    (``||g|| = ||(||g_unit||)_unit||``), so no further pass over the gradients is needed. ``skip_nonfinite``: clip
-    nothing when the total norm is NaN/Inf (decided on the device)."""
+def _agc_factors(params: Sequence[Tensor], clipping: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """AGC's clipping factors for ``params`` (each with a gradient), without a host sync and without changing
+    anything: the unit norms of every tensor are gathered into one vector (one norm op per weight matrix, one fused
+    norm for all vectors) and the factors ``min(1, clipping * max(||w||, eps) / ||g||)`` computed in one chain of
+    in-place vector ops.
+
+    Returns ``(norm_before, unit_grad_norms, factors)`` on the device, units in the order of
+    :func:`_apply_unit_factors_`; the total norm after clipping is ``||unit_grad_norms * factors||``
+    (``||g|| = ||(||g_unit||)_unit||``), so it needs no further pass over the gradients."""
+    grads = cast(list[Tensor], [p.grad for p in params])
+    device = grads[0].device
+    mats = [i for i, p in enumerate(params) if p.ndim >= 2]
+    vecs = [i for i, p in enumerate(params) if p.ndim < 2]
+    weight_norms = _unit_norm_vector([params[i].detach() for i in mats], [params[i].detach() for i in vecs], device)
+    grad_norms = _unit_norm_vector([grads[i] for i in mats], [grads[i] for i in vecs], device)
+    before = torch.linalg.vector_norm(grad_norms)
+    # weight_norms becomes the factor vector in place: clipping * max(||w||, eps) / max(||g||, 1e-6), at most 1
+    factors = weight_norms.clamp_min_(eps).mul_(clipping).div_(grad_norms.clamp_min(1e-6)).clamp_max_(1.0)
+    return before, grad_norms, factors
+
+
+@torch.no_grad()
+def _apply_unit_factors_(params: Sequence[Tensor], factors: Tensor) -> None:
+    """Multiply every unit's gradient by its factor (``factors`` from :func:`_agc_factors`: the units of the weight
+    matrices in order, then one per vector) with one fused ``torch._foreach_mul_``."""
+    grads = cast(list[Tensor], [p.grad for p in params])
+    mats = [i for i, p in enumerate(params) if p.ndim >= 2]
+    vecs = [i for i, p in enumerate(params) if p.ndim < 2]
+    pieces = factors.split([params[i].shape[0] for i in mats] + ([len(vecs)] if vecs else []))
+    per_tensor = [piece.view(-1, *([1] * (params[i].ndim - 1))) for piece, i in zip(pieces, mats)]
+    if vecs:
+        per_tensor.extend(pieces[-1].unbind())
+    ordered = [grads[i] for i in mats] + [grads[i] for i in vecs]
+    device = factors.device
+    if all(g.dtype == torch.float32 and g.device == device for g in ordered):
+        torch._foreach_mul_(ordered, per_tensor)  # broadcasts each unit's factor over its gradient, one dispatch
+    else:
+        for grad, factor in zip(ordered, per_tensor):
+            grad.mul_(factor.to(device=grad.device, dtype=grad.dtype))
+
+
+def _agc_(params: Sequence[Tensor], clipping: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """AGC in place on the parameters that have a gradient, without a host sync; ``(norm_before, norm_after,
+    units_clipped)`` as 0-d tensors."""
     params = [p for p in params if p.grad is not None]
     if not params:
         zero = torch.zeros(())
         return zero, zero, zero
-    device = cast(Tensor, params[0].grad).device  # params: those with a gradient (filtered above)
-    mats = [p for p in params if p.ndim >= 2]
-    vecs = [p for p in params if p.ndim < 2]
-    weight_norms = _unit_norm_vector([p.detach() for p in mats], [p.detach() for p in vecs], device)
-    grad_norms = _unit_norm_vector(cast(list[Tensor], [p.grad for p in mats]), cast(list[Tensor], [p.grad for p in vecs]),
-                                   device)
-    max_norm = weight_norms.clamp_min(eps).mul_(clipping)
-    before = torch.linalg.vector_norm(grad_norms)
-    trigger = grad_norms > max_norm
-    if skip_nonfinite:
-        trigger &= torch.isfinite(before)
-    scale = torch.where(trigger, max_norm / grad_norms.clamp_min(1e-6), torch.ones_like(grad_norms))
-    sizes = [p.shape[0] for p in mats] + ([len(vecs)] if vecs else [])
-    pieces = scale.split(sizes)
-    factors = [piece.view(-1, *([1] * (p.ndim - 1))) for piece, p in zip(pieces, mats)]
-    if vecs:
-        factors.extend(pieces[-1].unbind())
-    grads = cast(list[Tensor], [p.grad for p in mats] + [p.grad for p in vecs])
-    if all(g.dtype == torch.float32 and g.device == device for g in grads):
-        torch._foreach_mul_(grads, factors)  # broadcasts each unit's factor over its gradient, one dispatch
-    else:
-        for grad, factor in zip(grads, factors):
-            grad.mul_(factor.to(device=grad.device, dtype=grad.dtype))
-    after = torch.linalg.vector_norm(grad_norms * scale)
-    return before, after, trigger.sum()
+    before, grad_norms, factors = _agc_factors(params, clipping, eps)
+    _apply_unit_factors_(params, factors)
+    return before, torch.linalg.vector_norm(grad_norms * factors), (factors < 1.0).sum()
 
 
 @torch.no_grad()
@@ -223,7 +245,7 @@ class _ClippingCallback(Callback):
         self.steps = 0
         self.clipped_steps = 0
         self.last_norm_before = 0.0
-        self.last_norm_after = 0.0
+        self._norm_after: float | tuple[Tensor, Tensor] = 0.0  # or (unit norms, factors): computed when read
         self._param_cache: tuple[weakref.ref[Any], list[Tensor]] | None = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -242,12 +264,26 @@ class _ClippingCallback(Callback):
         pass
 
     @property
+    def last_norm_after(self) -> float:
+        """Total L2 gradient norm after the last step's clipping (computed from that step's norms when first read)."""
+        if isinstance(self._norm_after, tuple):
+            unit_norms, factors = self._norm_after
+            self._norm_after = float(torch.linalg.vector_norm(unit_norms * factors))
+        return self._norm_after
+
+    @last_norm_after.setter
+    def last_norm_after(self, value: float) -> None:
+        self._norm_after = value
+
+    @property
     def clip_fraction(self) -> float:
         """Fraction of optimizer steps on which the gradients were clipped."""
         return self.clipped_steps / self.steps if self.steps else 0.0
 
-    def _clip(self, trainer: Any, pl_module: Any, params: list[Tensor]) -> tuple[bool, float, float] | None:
-        """Clip in place; ``(clipped, norm_before, norm_after)``, or None for a non-finite step (left alone)."""
+    def _clip(self, trainer: Any, pl_module: Any,
+              params: list[Tensor]) -> tuple[bool, float, float | tuple[Tensor, Tensor]] | None:
+        """Clip in place; ``(clipped, norm_before, norm_after)`` (``norm_after`` may be the ``(unit norms,
+        factors)`` it is computed from when read), or None for a non-finite step (left alone)."""
         raise NotImplementedError  # pragma: no cover
 
     def _metrics(self) -> dict[str, float]:
@@ -272,7 +308,7 @@ class _ClippingCallback(Callback):
         result = self._clip(trainer, pl_module, params)
         if result is None:
             return  # non-finite: the GradScaler (16-mixed) or NonFiniteGuard skips this step; do not clip or record
-        clipped, self.last_norm_before, self.last_norm_after = result
+        clipped, self.last_norm_before, self._norm_after = result
         self.steps += 1
         self.clipped_steps += int(clipped)
         if self._log_enabled:
@@ -332,7 +368,13 @@ class AdaptiveGradientClipping(_ClippingCallback):
         self.clipping = float(clipping)
         self.eps = float(eps)
         self.exclude = list(exclude) if exclude else None
-        self.unit_clip_fraction = 0.0
+        self._last_factors: Tensor | None = None
+
+    @property
+    def unit_clip_fraction(self) -> float:
+        """Fraction of the units clipped on the last step (computed from that step's factors when read)."""
+        factors = self._last_factors
+        return float((factors < 1.0).float().mean()) if factors is not None and len(factors) else 0.0
 
     def _check_module(self, pl_module: Any) -> None:
         if not self._params(pl_module):
@@ -342,14 +384,17 @@ class AdaptiveGradientClipping(_ClippingCallback):
     def _params(self, pl_module: Any) -> list[tuple[str, Tensor]]:
         return _selected(pl_module, self.exclude)
 
-    def _clip(self, trainer: Any, pl_module: Any, params: list[Tensor]) -> tuple[bool, float, float] | None:
-        before, after, clipped = _agc_(params, self.clipping, self.eps, skip_nonfinite=True)
-        norm_before, norm_after, units = torch.stack([before, after, clipped.to(before.dtype)]).tolist()  # one sync
+    def _clip(self, trainer: Any, pl_module: Any,
+              params: list[Tensor]) -> tuple[bool, float, float | tuple[Tensor, Tensor]] | None:
+        before, unit_norms, factors = _agc_factors(params, self.clipping, self.eps)
+        norm_before, smallest = torch.stack([before, factors.min()]).tolist()  # the step's one host sync
         if not math.isfinite(norm_before):
-            return None
-        total = sum(p.shape[0] if p.ndim >= 2 else 1 for p in params)
-        self.unit_clip_fraction = units / total if total else 0.0
-        return units > 0, norm_before, norm_after
+            return None  # left alone: the GradScaler or NonFiniteGuard skips the step
+        self._last_factors = factors
+        clipped = smallest < 1.0
+        if clipped:
+            _apply_unit_factors_(params, factors)
+        return clipped, norm_before, (unit_norms, factors)
 
 
 class AutoClip(_ClippingCallback):

@@ -30,15 +30,9 @@ class NonFiniteTrainingError(RuntimeError):
 
 
 def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    """Every parameter of every param group of ``optimizer`` (in order, without duplicates)."""
-    seen: set[int] = set()
-    params = []
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-    return params
+    """Every parameter of every param group of ``optimizer``, in order (``torch.optim`` refuses a parameter in two
+    groups, so there are no duplicates)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def nonfinite_gradients(parameters: Iterable[Tensor]) -> int:
@@ -84,9 +78,11 @@ def all_finite(grads: Sequence[Tensor]) -> Tensor:
         ones = _ONES.get(group_device)
         if ones is None:
             ones = _ONES[group_device] = torch.ones(1, device=group_device)
-        found = torch.zeros(1, device=group_device)
+        found = torch.zeros((), device=group_device)
         torch._amp_foreach_non_finite_check_and_unscale_(group, found, ones)
-        flag = (found == 0).reshape(()).to(device)
+        flag = found == 0
+        if group_device != device:
+            flag = flag.to(device)
         ok = flag if ok is None else ok & flag
     if others:
         flag = gradient_finite_flags(others).all()
@@ -163,7 +159,7 @@ class NonFiniteGuard(Callback):
         self.skipped_total = 0
         self.consecutive_skips = 0
         self.skipped_steps: list[int] = []  # global steps of the last MAX_RECORDED_STEPS skips
-        self._loss_finite: Tensor | None = None  # on the device: every micro-batch loss since the last step finite
+        self._losses: list[Tensor] = []  # the micro-batch losses since the last step, checked with the gradients
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if compat.is_deepspeed(trainer.strategy):
@@ -173,20 +169,19 @@ class NonFiniteGuard(Callback):
             )
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self._loss_finite = None
+        self._losses = []
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
-        if self.check_loss:  # stays on the device: decided together with the gradients, one sync per step
-            finite = torch.isfinite(loss.detach()).all()
-            self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
+        if self.check_loss:  # kept on the device and checked together with the gradients: one sync per step
+            self._losses.append(loss.detach().reshape(-1))
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         params = optimizer_parameters(optimizer)
-        ok = all_finite([p.grad for p in params if p.grad is not None])
-        if self._loss_finite is not None:
-            ok = ok & self._loss_finite.to(ok.device)
-        self._loss_finite = None
-        bad = agree_any(trainer.strategy, not bool(ok))  # the step's one host sync
+        checked = [p.grad for p in params if p.grad is not None]
+        if self._losses:  # a new tensor (the fused check rewrites what it checks, multiplying by exactly 1)
+            checked.append(torch.cat(self._losses) if len(self._losses) > 1 else self._losses[0].clone())
+        self._losses = []
+        bad = agree_any(trainer.strategy, not bool(all_finite(checked)))  # the step's one host sync
         if bad:
             drop_gradients_(params)
             self.skipped_total += 1

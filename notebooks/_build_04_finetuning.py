@@ -155,7 +155,7 @@ ax.legend(fontsize=8); plt.show()"""),
 
 others = {
     'AdaLoRA r 8->4': lambda: AdaLoRA(targets=TARGETS, init_r=8, target_r=4, alpha=8, tinit=15, tfinal=30, delta_t=5,
-                                      total_steps=150, train_also=HEAD, log_ranks=False),
+                                      total_steps=150, train_also=HEAD, log=False),
     'Adapters b=8': lambda: Adapters(targets=TARGETS, bottleneck=8, train_also=HEAD),
 }
 for name, make in others.items():

@@ -149,7 +149,7 @@ for name, model in penalised.items():
         self.p.append(module.dropout.p)
 
 recorder = RateRecorder()
-dropout_model, _ = fit_cnn([DropoutSchedule(steps=150, schedule='curriculum', log_values=False), recorder],
+dropout_model, _ = fit_cnn([DropoutSchedule(steps=150, schedule='curriculum', log=False), recorder],
                            steps=300, dropout=0.5)
 steps = np.arange(300)
 fig, ax = plt.subplots(figsize=(6.5, 3))
@@ -226,9 +226,9 @@ radii = [0.0, 0.05, 0.1, 0.15, 0.2]
 robust = {}
 for name, extra in [('standard training', []),
                     ('AdversarialTraining("pgd", eps=0.1)',
-                     [AdversarialTraining('pgd', eps=0.1, steps=3, input_range=[0.0, 1.0], log_values=False)]),
+                     [AdversarialTraining('pgd', eps=0.1, steps=3, input_range=[0.0, 1.0], log=False)]),
                     ('VirtualAdversarialTraining(eps=1.0)',
-                     [VirtualAdversarialTraining(eps=1.0, input_range=[0.0, 1.0], log_values=False)])]:
+                     [VirtualAdversarialTraining(eps=1.0, input_range=[0.0, 1.0], log=False)])]:
     L.seed_everything(0, verbose=False)
     model = DeepMLP(depth=3, width=64, optimizer='adam', lr=1e-2)
     trainer(max_epochs=6, callbacks=extra).fit(model, datamodule=DigitsDataModule())

@@ -56,7 +56,7 @@ class Recorder(L.Callback):
 def test_update_and_allocate_once_per_optimizer_step_with_gradients_under_accumulation() -> None:
     L.seed_everything(0, verbose=False)
     adalora = AdaLoRA(targets=["net.0", "net.2"], init_r=4, target_r=2, tinit=1, tfinal=1, total_steps=6,
-                      orth_reg_weight=0.1, log_ranks=False)
+                      orth_reg_weight=0.1, log=False)
     recorder = Recorder(adalora)
     trainer = _trainer([adalora, recorder], max_steps=6, accumulate_grad_batches=3)
     trainer.fit(TabularMLP(hidden=16), datamodule=BreastCancerDataModule(batch_size=16))

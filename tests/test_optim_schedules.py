@@ -183,19 +183,19 @@ def test_lr_is_logged_at_the_log_every_n_steps_cadence(tmp_path) -> None:
         def teardown(self, trainer, pl_module, stage):
             del pl_module.log
 
-    for log_lr, expected_calls in ((True, 3), (False, 0)):
+    for log, expected_calls in ((True, 3), (False, 0)):
         L.seed_everything(0, verbose=False)
         spy = LogSpy()
-        trainer = L.Trainer(max_steps=7, callbacks=[spy, LRSchedule("linear", log_lr=log_lr)], log_every_n_steps=3,
-                            **quiet(logger=CSVLogger(tmp_path, name=f"run{log_lr}")))
+        trainer = L.Trainer(max_steps=7, callbacks=[spy, LRSchedule("linear", log=log)], log_every_n_steps=3,
+                            **quiet(logger=CSVLogger(tmp_path, name=f"run{log}")))
         trainer.fit(small_mlp(lr=0.7), datamodule=DigitsDataModule())
         # steps 3 and 6 (the cadence) and 7 (the last), not every step: a self.log call costs ~0.5 ms of CPU
         assert spy.calls == expected_calls
-        rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv"))) if log_lr else []
-        assert [float(r["lr-pg0"]) for r in rows if r.get("lr-pg0")] == pytest.approx([0.5, 0.2] if log_lr else [])
-        assert ("lr-pg0" in trainer.callback_metrics) is log_lr
-    with pytest.raises(TypeError, match="log_lr"):
-        LRSchedule(log_lr="yes")
+        rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv"))) if log else []
+        assert [float(r["lr-pg0"]) for r in rows if r.get("lr-pg0")] == pytest.approx([0.5, 0.2] if log else [])
+        assert ("lr-pg0" in trainer.callback_metrics) is log
+    with pytest.raises(TypeError, match="log must be True or False"):
+        LRSchedule(log="yes")
 
 
 @pytest.mark.parametrize("order", ["schedule_first", "optimizer_first"])

@@ -248,7 +248,7 @@ def test_vat_refuses_true_half_precision_before_any_step():
     ({"input_range": [0.0]}, TypeError, "input_range"),
     ({"random_start": "yes"}, TypeError, "random_start"),
     ({"seed": -1}, ValueError, "seed"),
-    ({"log_values": 1}, TypeError, "log_values"),
+    ({"log": 1}, TypeError, "log must be"),
 ])
 def test_adversarial_training_bad_input(kwargs, error, match):
     with pytest.raises(error, match=match):

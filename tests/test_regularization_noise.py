@@ -141,7 +141,7 @@ def test_logs_relative_noise_norm() -> None:
     trainer = _fit(_Quadratic(), [WeightNoise(std=0.05)])
     expected = 0.05 * (200**0.5) / float(W0.norm())
     assert float(trainer.callback_metrics["weight_noise/relative_norm"]) == pytest.approx(expected, rel=0.15)
-    trainer = _fit(_Quadratic(), [WeightNoise(std=0.05, log_values=False)])
+    trainer = _fit(_Quadratic(), [WeightNoise(std=0.05, log=False)])
     assert "weight_noise/relative_norm" not in trainer.callback_metrics
 
 
@@ -150,7 +150,7 @@ def test_logs_relative_noise_norm() -> None:
     ({"mode": "uniform"}, ValueError, "mode='uniform'"),
     ({"include": "(["}, ValueError, "include="),
     ({"seed": -1}, ValueError, "seed must be"),
-    ({"log_values": 1}, TypeError, "log_values must be True or False"),
+    ({"log": 1}, TypeError, "log must be True or False"),
 ])
 def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):

@@ -117,7 +117,7 @@ def test_logged_at_the_cadence_and_switchable() -> None:
     # logged on the last step, computed from the weights after the first step
     w1 = W0 - LR * 0.01 * 2 * W0
     assert float(metrics["l2_penalty/term"]) == pytest.approx(0.01 * float((w1**2).sum()), rel=1e-6)
-    trainer = _fit(_Flat(), [L2Penalty(0.01, log_values=False)], max_steps=2)
+    trainer = _fit(_Flat(), [L2Penalty(0.01, log=False)], max_steps=2)
     assert not any(k.startswith("l2_penalty") for k in trainer.callback_metrics)
 
 
@@ -157,7 +157,7 @@ def test_manual_optimisation_is_refused_before_any_step() -> None:
         ({"warmup_steps": 1.5}, TypeError, "warmup_steps must be an integer"),
         ({"include": "(["}, ValueError, "include='\\(\\[' is not a valid regular expression"),
         ({"layer_types": ["Nope"]}, ValueError, "cannot import layer type 'Nope'"),
-        ({"log_values": "yes"}, TypeError, "log_values must be True or False"),
+        ({"log": "yes"}, TypeError, "log must be True or False"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:

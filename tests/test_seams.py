@@ -116,7 +116,7 @@ def test_patch_stack_restores_an_own_instance_attribute_and_respects_a_foreign_o
 
 # ---------------------------------------- defect 3: the module stays patched (AccumulationScheduler + optimizer owner)
 def _owner(kind: str) -> Callback:
-    return OptimizerCallback("sgd", lr=0.05) if kind == "optimizer" else LRSchedule("cosine", log_lr=False)
+    return OptimizerCallback("sgd", lr=0.05) if kind == "optimizer" else LRSchedule("cosine", log=False)
 
 
 @pytest.mark.parametrize("fail", [False, True], ids=["after_fit", "after_exception"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -9,7 +11,12 @@ import pytest
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics, should_log_step
+from lightning_techniques._internal.step_logging import (
+    check_log_flag,
+    log_step_metrics,
+    resolve_log_flag,
+    should_log_step,
+)
 from lightning_techniques.demo import DigitsCNN, DigitsDataModule
 
 
@@ -71,8 +78,8 @@ def test_without_a_trainer_nothing_is_logged() -> None:
 
 def test_check_log_flag() -> None:
     assert check_log_flag("log", False) is False
-    with pytest.raises(TypeError, match="log_lr must be True or False"):
-        check_log_flag("log_lr", 1)
+    with pytest.raises(TypeError, match="log_scalars must be True or False"):
+        check_log_flag("log_scalars", 1)
 
 
 def _techniques() -> list[Any]:
@@ -97,3 +104,72 @@ def test_each_step_wise_technique_has_a_working_log_switch(prefix: str, make: An
         assert bool(keys) is log, (log, keys)
     with pytest.raises(TypeError, match="log must be True or False"):
         make("off")
+
+
+# ------------------------------------------------------------------ renamed switches: the deprecated aliases of ``log``
+def test_resolve_log_flag() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning without an old name
+        assert resolve_log_flag("Thing", None, log_values=None) is True
+        assert resolve_log_flag("Thing", False, log_values=None) is False
+    with pytest.warns(FutureWarning, match=r"Thing\(log_values=\.\.\.\) is deprecated.*Thing\(log=\.\.\.\)"):
+        assert resolve_log_flag("Thing", None, log_values=False) is False
+    with pytest.raises(ValueError, match="got both log and log_values"):
+        resolve_log_flag("Thing", True, log_values=True)
+    with pytest.raises(TypeError, match="log must be True or False"):
+        resolve_log_flag("Thing", "no", log_values=None)
+    with pytest.raises(TypeError, match="log_values must be True or False"), pytest.warns(FutureWarning):
+        resolve_log_flag("Thing", None, log_values=0)
+
+
+def _renamed() -> list[Any]:
+    import lightning_techniques as lt
+
+    return [
+        (lt.L1Penalty, {}, "log_values"),
+        (lt.L2Penalty, {}, "log_values"),
+        (lt.AdversarialTraining, {}, "log_values"),
+        (lt.VirtualAdversarialTraining, {}, "log_values"),
+        (lt.WeightNoise, {}, "log_values"),
+        (lt.DropoutSchedule, {}, "log_values"),
+        (lt.LRSchedule, {}, "log_lr"),
+        (lt.ReduceLROnPlateau, {}, "log_lr"),
+        (lt.AdaLoRA, {"targets": ["head"]}, "log_ranks"),
+    ]
+
+
+@pytest.mark.parametrize("cls, kwargs, old", _renamed(), ids=lambda v: v.__name__ if isinstance(v, type) else "")
+def test_renamed_switch_keeps_its_old_name_as_a_deprecated_alias(cls: type, kwargs: dict, old: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cls(**kwargs)._log_enabled is True
+        assert cls(**kwargs, log=False)._log_enabled is False
+    with pytest.warns(FutureWarning, match=rf"{cls.__name__}\({old}=\.\.\.\) is deprecated.*\(log=\.\.\.\)") as record:
+        technique = cls(**kwargs, **{old: False})
+    assert technique._log_enabled is False and "log" not in vars(technique)
+    assert record[0].filename == __file__, "the warning points at the caller"
+    with pytest.raises(ValueError, match=f"both log and {old}"):
+        cls(**kwargs, log=True, **{old: True})
+    with pytest.raises(TypeError, match="log must be True or False"):
+        cls(**kwargs, log="off")
+    with pytest.raises(TypeError, match=f"{old} must be True or False"), pytest.warns(FutureWarning):
+        cls(**kwargs, **{old: "off"})
+
+
+@pytest.mark.parametrize("old", ["log_values", None])
+def test_old_switch_name_still_builds_from_yaml(old: str | None, tmp_path: Path) -> None:
+    from lightning_techniques import L1Penalty
+    from lightning_techniques.testing import build_from_yaml
+
+    args = {"coefficient": 1e-4, old or "log": False}
+    config = {"trainer": {"max_steps": 1, "default_root_dir": str(tmp_path),
+                          "callbacks": [{"class_path": "lightning_techniques.L1Penalty", "init_args": args}]},
+              "model": {"class_path": "lightning_techniques.demo.DigitsCNN"},
+              "data": {"class_path": "lightning_techniques.demo.DigitsDataModule"}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = build_from_yaml(config)
+    (penalty,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, L1Penalty)]
+    assert penalty._log_enabled is False
+    deprecations = [w for w in caught if issubclass(w.category, FutureWarning) and "log_values" in str(w.message)]
+    assert bool(deprecations) is bool(old)

@@ -6,13 +6,16 @@ loggers every ``log_every_n_steps`` stepping batches; :func:`should_log_step` is
 training batch (so ``trainer.callback_metrics`` holds the final values after ``fit`` even for runs shorter than the
 cadence). ``Trainer(log_every_n_steps=0)`` switches step logging off.
 
-Never keep a technique's own switch in an attribute named ``log`` or ``log_dict``: Lightning assigns the module's
-``log``/``log_dict`` to every callback before ``setup`` (``_attach_model_logging_functions``), overwriting it.
+Every technique that logs takes one switch, ``log`` (:func:`check_log_flag`; renamed switches keep their old
+names as deprecated aliases through :func:`resolve_log_flag`). Never keep the switch in an attribute named ``log`` or
+``log_dict``: Lightning assigns the module's ``log``/``log_dict`` to every callback before ``setup``
+(``_attach_model_logging_functions``), overwriting it - the techniques keep it as ``_log_enabled``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -75,3 +78,27 @@ def check_log_flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False (switches the technique's logging), got {value!r}.")
     return value
+
+
+def resolve_log_flag(owner: str, log: bool | None, stacklevel: int = 3, **deprecated: Any) -> bool:
+    """The logging switch of technique ``owner`` from ``log`` and its deprecated old names (``deprecated``: each
+    old keyword argument's value, ``None`` when not passed). ``log=None`` (not passed) means ``True``.
+
+    Passing an old name emits a ``FutureWarning`` naming the old and the new argument (``stacklevel`` points it at
+    the caller of the technique's ``__init__``); passing it beside ``log`` (or two old names) raises a
+    ``ValueError`` naming both; the value is validated by :func:`check_log_flag` under the name it was passed as.
+    """
+    given = [(name, value) for name, value in deprecated.items() if value is not None]
+    if log is not None:
+        given.insert(0, ("log", log))
+    if len(given) > 1:
+        names = " and ".join(name for name, _ in given)
+        old = " / ".join(name for name, _ in given if name != "log")
+        raise ValueError(f"{owner}: got both {names} ({old}: the deprecated old name of log); pass log only.")
+    if not given:
+        return True
+    name, value = given[0]
+    if name != "log":
+        warnings.warn(f"{owner}({name}=...) is deprecated and will be removed; use {owner}(log=...) instead.",
+                      FutureWarning, stacklevel=stacklevel)
+    return check_log_flag(name, value)

@@ -29,7 +29,7 @@ from torch import nn
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.loss_terms import add_loss_term
 from lightning_techniques._internal.optional import require
-from lightning_techniques._internal.step_logging import log_step_metrics
+from lightning_techniques._internal.step_logging import log_step_metrics, resolve_log_flag
 from lightning_techniques._internal.validation import check_non_negative, check_number, check_positive
 from lightning_techniques.finetune._trainable import FinetuneSession, check_targets, resolve_targets
 from lightning_techniques.finetune.adapters import other_methods
@@ -108,7 +108,9 @@ class AdaLoRA(FinetuneSession, Callback):
         orth_reg_weight: weight of the orthogonality regulariser (0: none).
         total_steps: the run's optimizer steps (``None``: ``trainer.estimated_stepping_batches`` at train start).
         train_also: names / regular expressions of submodules that train too (e.g. ``["head"]``).
-        log_ranks: log ``adalora/budget`` (sum of current ranks) at the ``log_every_n_steps`` cadence.
+        log: log ``adalora/budget`` (sum of current ranks) at the ``log_every_n_steps`` cadence (not passed:
+            ``True``; ``False``: log nothing).
+        log_ranks: deprecated old name of ``log`` (a ``FutureWarning``; both together: ``ValueError``).
 
     Example::
 
@@ -132,8 +134,9 @@ class AdaLoRA(FinetuneSession, Callback):
     def __init__(self, targets: Sequence[str] | str, init_r: int = 12, target_r: int = 8, alpha: float = 8.0,
                  dropout: float = 0.0, tinit: int = 0, tfinal: int = 0, delta_t: int = 1, beta1: float = 0.85,
                  beta2: float = 0.85, orth_reg_weight: float = 0.5, total_steps: int | None = None,
-                 train_also: Sequence[str] = (), log_ranks: bool = True) -> None:
+                 train_also: Sequence[str] = (), log: bool | None = None, log_ranks: bool | None = None) -> None:
         require("peft", "finetune", "AdaLoRA")
+        log_enabled = resolve_log_flag("AdaLoRA", log, log_ranks=log_ranks)
         self.targets = check_targets("targets", targets)
         self.init_r = check_positive("init_r", init_r, integer=True)
         self.target_r = check_positive("target_r", target_r, integer=True)
@@ -152,7 +155,7 @@ class AdaLoRA(FinetuneSession, Callback):
             self._check_phases(total_steps)
         self.total_steps = total_steps
         self.train_also = check_targets("train_also", train_also, allow_empty=True)
-        self.log_ranks = bool(log_ranks)
+        self._log_enabled = log_enabled  # not ``self.log``: Lightning assigns that before setup
         self.tuner: Any = None
         self.allocation_calls = 0
         self._changed: tuple[str, ...] = ()
@@ -231,7 +234,7 @@ class AdaLoRA(FinetuneSession, Callback):
             return  # a batch that only accumulated gradients
         self.tuner.update_and_allocate(trainer.global_step - 1)
         self.allocation_calls += 1
-        if self.log_ranks:
+        if self._log_enabled:
             log_step_metrics(pl_module, lambda: {"adalora/budget": float(sum(current_ranks(pl_module).values()))})
 
     def _close(self, pl_module: Any) -> None:

@@ -23,7 +23,7 @@ from lightning_techniques._internal import compat
 from lightning_techniques._internal.conflicts import check_conflicts, takes_over
 from lightning_techniques._internal.distributed import broadcast_object
 from lightning_techniques._internal.schedule import interpolate, progress
-from lightning_techniques._internal.step_logging import check_log_flag, should_log_step
+from lightning_techniques._internal.step_logging import resolve_log_flag, should_log_step
 from lightning_techniques._internal.validation import (
     check_choice,
     check_non_negative,
@@ -213,7 +213,9 @@ class LRSchedule(Callback):
         pct_start, div_factor, final_div_factor: ``one_cycle`` as in ``torch.optim.lr_scheduler.OneCycleLR``
             (the optimizer's LR is the peak LR).
         cycle_steps, cycle_mult: ``cosine_restarts`` first cycle length and its growth factor (T_0, T_mult).
-        log_lr: log the LR of every parameter group (at ``log_every_n_steps``; ``False``: log nothing).
+        log: log the LR of every parameter group (at ``log_every_n_steps``; not passed: ``True``; ``False``: log
+            nothing).
+        log_lr: deprecated old name of ``log`` (a ``FutureWarning``; both together: ``ValueError``).
 
     Example::
 
@@ -243,8 +245,10 @@ class LRSchedule(Callback):
         final_div_factor: float = 1e4,
         cycle_steps: int | None = None,
         cycle_mult: int = 1,
-        log_lr: bool = True,
+        log: bool | None = None,
+        log_lr: bool | None = None,
     ) -> None:
+        log_enabled = resolve_log_flag("LRSchedule", log, log_lr=log_lr)
         check_choice("schedule", schedule, SCHEDULES)
         check_non_negative("warmup_steps", warmup_steps, integer=True)
         check_number("warmup_fraction", warmup_fraction, low=0.0, high=1.0, high_inclusive=False)
@@ -283,7 +287,7 @@ class LRSchedule(Callback):
         self.final_div_factor = final_div_factor
         self.cycle_steps = cycle_steps
         self.cycle_mult = cycle_mult
-        self.log_lr = check_log_flag("log_lr", log_lr)
+        self._log_enabled = log_enabled  # not ``self.log``: Lightning assigns that before setup
         self.resolved_total_steps: int | None = None
         self.resolved_warmup_steps: int | None = None
         self.schedulers: list[LambdaLR] = []
@@ -370,7 +374,7 @@ class LRSchedule(Callback):
                 for s in self.schedulers]
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self.log_lr and should_log_step(trainer):
+        if self._log_enabled and should_log_step(trainer):
             log_learning_rates(pl_module, trainer.optimizers)
 
     def state_dict(self) -> dict[str, Any]:
@@ -408,7 +412,9 @@ class ReduceLROnPlateau(Callback):
         interval: ``"epoch"`` (after validation) or ``"step"``.
         frequency: check every ``frequency`` intervals.
         strict: raise when ``monitor`` is missing (otherwise warn and skip).
-        log_lr: log the LR of every parameter group (at ``log_every_n_steps``; ``False``: log nothing).
+        log: log the LR of every parameter group (at ``log_every_n_steps``; not passed: ``True``; ``False``: log
+            nothing).
+        log_lr: deprecated old name of ``log`` (a ``FutureWarning``; both together: ``ValueError``).
 
     Example::
 
@@ -435,8 +441,10 @@ class ReduceLROnPlateau(Callback):
         interval: Literal["epoch", "step"] = "epoch",
         frequency: int = 1,
         strict: bool = True,
-        log_lr: bool = True,
+        log: bool | None = None,
+        log_lr: bool | None = None,
     ) -> None:
+        log_enabled = resolve_log_flag("ReduceLROnPlateau", log, log_lr=log_lr)
         if not isinstance(monitor, str) or not monitor:
             raise TypeError(f"monitor must be the name of a logged metric, got {monitor!r}.")
         check_choice("mode", mode, ["min", "max"])
@@ -461,7 +469,7 @@ class ReduceLROnPlateau(Callback):
         self.interval = interval
         self.frequency = frequency
         self.strict = strict
-        self.log_lr = check_log_flag("log_lr", log_lr)
+        self._log_enabled = log_enabled  # not ``self.log``: Lightning assigns that before setup
         self.schedulers: list[AgreedReduceLROnPlateau] = []
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -503,7 +511,7 @@ class ReduceLROnPlateau(Callback):
         ]
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self.log_lr and should_log_step(trainer):
+        if self._log_enabled and should_log_step(trainer):
             log_learning_rates(pl_module, trainer.optimizers)
 
     def state_dict(self) -> dict[str, Any]:

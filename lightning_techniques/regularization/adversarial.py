@@ -36,7 +36,7 @@ from lightning_techniques._internal.batch import get_inputs, get_targets
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.criterion import find_criterion
 from lightning_techniques._internal.loss_terms import LossTermHandle, add_loss_term
-from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
+from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics, resolve_log_flag
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
 
 AttackNorm = Literal["linf", "l2"]
@@ -282,7 +282,7 @@ class _AdversarialTerm(Callback):
     term_name = "adversarial"
 
     def _init_common(self, weight: float, input_range: Any, input_key: str | int | None, seed: int,
-                     log_values: bool) -> None:
+                     log: bool) -> None:
         check_number("weight", weight, low=0.0)
         check_number("seed", seed, low=0, integer=True)
         if input_key is not None and not isinstance(input_key, (str, int)):
@@ -291,7 +291,7 @@ class _AdversarialTerm(Callback):
         self.input_range = _check_range(input_range)
         self.input_key = input_key
         self.seed = seed
-        self.log_values = check_log_flag("log_values", log_values)
+        self._log_enabled = check_log_flag("log", log)  # not ``self.log``: Lightning assigns that before setup
         self._handle: LossTermHandle | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
         self._grad_scale = 1.0
@@ -378,8 +378,9 @@ class AdversarialTraining(_AdversarialTerm):
         input_key, target_key: where the input / target is in a dict or tuple batch (default: element 0 / 1, or the
             usual keys ``x``/``input``... and ``y``/``target``...).
         seed: base seed of PGD's random start.
-        log_values: log ``adversarial/loss`` and ``adversarial/accuracy`` (on the adversarial examples) at the
-            ``log_every_n_steps`` cadence.
+        log: log ``adversarial/loss`` and ``adversarial/accuracy`` (on the adversarial examples) at the
+            ``log_every_n_steps`` cadence (not passed: ``True``; ``False``: log nothing).
+        log_values: deprecated old name of ``log`` (a ``FutureWarning``; both together: ``ValueError``).
 
     Example::
 
@@ -397,7 +398,8 @@ class AdversarialTraining(_AdversarialTerm):
                  weight: float = 1.0, norm: AttackNorm = "linf", random_start: bool = True,
                  input_range: list[float] | None = None, criterion_attr: str | None = None,
                  input_key: str | int | None = None, target_key: str | int | None = None, seed: int = 0,
-                 log_values: bool = True) -> None:
+                 log: bool | None = None, log_values: bool | None = None) -> None:
+        log = resolve_log_flag("AdversarialTraining", log, log_values=log_values)
         check_choice("method", method, get_args(AttackMethod))
         check_positive("eps", eps)
         check_positive("steps", steps, integer=True)
@@ -410,7 +412,7 @@ class AdversarialTraining(_AdversarialTerm):
             raise TypeError(f"criterion_attr must be None or an attribute name, got {criterion_attr!r}.")
         if target_key is not None and not isinstance(target_key, (str, int)):
             raise TypeError(f"target_key must be None, a key or an index, got {target_key!r}.")
-        self._init_common(weight, input_range, input_key, seed, log_values)
+        self._init_common(weight, input_range, input_key, seed, log)
         self.method = method
         self.eps = float(eps)
         self.steps = steps
@@ -447,7 +449,7 @@ class AdversarialTraining(_AdversarialTerm):
         with preserved_batchnorm_stats(module):
             logits = module(x_adv)
         adv_loss = getattr(module, self._criterion_name or "criterion")(logits, y)
-        if self.log_values:
+        if self._log_enabled:
             def metrics() -> dict[str, torch.Tensor]:
                 values = {"adversarial/loss": adv_loss.detach()}
                 if logits.ndim == 2 and y.ndim == 1 and not y.is_floating_point():
@@ -479,7 +481,8 @@ class VirtualAdversarialTraining(_AdversarialTerm):
         input_range: ``[low, high]`` the perturbed inputs are clamped to (in the units ``training_step`` sees).
         input_key: where the input is in a dict or tuple batch (default: element 0, or the usual keys).
         seed: base seed of the random start direction.
-        log_values: log ``vat/loss`` at the ``log_every_n_steps`` cadence.
+        log: log ``vat/loss`` at the ``log_every_n_steps`` cadence (not passed: ``True``; ``False``: log nothing).
+        log_values: deprecated old name of ``log`` (a ``FutureWarning``; both together: ``ValueError``).
 
     Example::
 
@@ -495,11 +498,12 @@ class VirtualAdversarialTraining(_AdversarialTerm):
 
     def __init__(self, xi: float = 1e-6, eps: float = 1.0, power_iterations: int = 1, weight: float = 1.0,
                  input_range: list[float] | None = None, input_key: str | int | None = None, seed: int = 0,
-                 log_values: bool = True) -> None:
+                 log: bool | None = None, log_values: bool | None = None) -> None:
+        log = resolve_log_flag("VirtualAdversarialTraining", log, log_values=log_values)
         check_positive("xi", xi)
         check_positive("eps", eps)
         check_positive("power_iterations", power_iterations, integer=True)
-        self._init_common(weight, input_range, input_key, seed, log_values)
+        self._init_common(weight, input_range, input_key, seed, log)
         self.xi = float(xi)
         self.eps = float(eps)
         self.power_iterations = power_iterations
@@ -523,6 +527,6 @@ class VirtualAdversarialTraining(_AdversarialTerm):
         value = vat_loss(module, x, self.xi, self.eps, self.power_iterations,
                          generator=self._generator(module, batch_idx, x.device), input_range=self.input_range,
                          grad_scale=self._grad_scale)
-        if self.log_values:
+        if self._log_enabled:
             log_step_metrics(module, {"vat/loss": value.detach()})
         return self.weight * value

@@ -20,7 +20,7 @@ from lightning_techniques._internal.batch import get_inputs, get_targets
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.distributed import all_reduce_sum
 from lightning_techniques._internal.schedule import interpolate, progress
-from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
+from lightning_techniques._internal.step_logging import log_step_metrics, resolve_log_flag
 from lightning_techniques._internal.validation import check_number, check_positive
 
 DropoutScheduleKind = Literal["linear", "curriculum"]
@@ -73,7 +73,9 @@ class DropoutSchedule(Callback):
         schedule: ``"linear"`` or ``"curriculum"``.
         gamma: curriculum's rate (default ``5 / steps``).
         include: glob patterns on qualified layer names to restrict to (default: every dropout layer).
-        log_values: log ``dropout_schedule/p`` (mean rate) at the ``log_every_n_steps`` cadence.
+        log: log ``dropout_schedule/p`` (mean rate) at the ``log_every_n_steps`` cadence (not passed: ``True``;
+            ``False``: log nothing).
+        log_values: deprecated old name of ``log`` (a ``FutureWarning``; both together: ``ValueError``).
 
     Example::
 
@@ -89,7 +91,8 @@ class DropoutSchedule(Callback):
 
     def __init__(self, target: float | None = None, start: float = 0.0, steps: int = 1000,
                  schedule: DropoutScheduleKind = "linear", gamma: float | None = None,
-                 include: list[str] | None = None, log_values: bool = True) -> None:
+                 include: list[str] | None = None, log: bool | None = None, log_values: bool | None = None) -> None:
+        log_enabled = resolve_log_flag("DropoutSchedule", log, log_values=log_values)
         if target is not None:
             check_number("target", target, low=0.0, high=1.0, high_inclusive=False)
         check_number("start", start, low=0.0, high=1.0, high_inclusive=False)
@@ -108,7 +111,7 @@ class DropoutSchedule(Callback):
         self.schedule = schedule
         self.gamma = gamma
         self.include = list(include) if include else None
-        self.log_values = check_log_flag("log_values", log_values)
+        self._log_enabled = log_enabled  # not ``self.log``: Lightning assigns that before setup
         self.current_p: float = float(start)
         self._layers: list[tuple[_DropoutNd, float]] = []  # (layer, its own p)
 
@@ -128,7 +131,7 @@ class DropoutSchedule(Callback):
         for (layer, _), p in zip(self._layers, rates):
             layer.p = p
         self.current_p = sum(rates) / len(rates) if rates else self.start
-        if self.log_values:
+        if self._log_enabled:
             log_step_metrics(pl_module, {"dropout_schedule/p": self.current_p})
 
     def _restore(self) -> None:

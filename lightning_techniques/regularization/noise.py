@@ -15,7 +15,7 @@ from torch import nn
 from lightning_techniques._internal import compat
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.patching import MethodPatch
-from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
+from lightning_techniques._internal.step_logging import log_step_metrics, resolve_log_flag
 from lightning_techniques._internal.validation import check_number, check_positive
 from lightning_techniques.finetune._peft import current_parameter_name
 from lightning_techniques.regularization.penalties import _compile, _resolve_types, penalty_parameters
@@ -78,7 +78,9 @@ class WeightNoise(Callback):
         include, exclude, layer_types: which parameters, as for :class:`L1Penalty` (default: the weights of every
             non-normalisation layer, not biases).
         seed: base seed of the noise.
-        log_values: log ``weight_noise/relative_norm`` (``||noise|| / ||w||``) at the ``log_every_n_steps`` cadence.
+        log: log ``weight_noise/relative_norm`` (``||noise|| / ||w||``) at the ``log_every_n_steps`` cadence (not
+            passed: ``True``; ``False``: log nothing).
+        log_values: deprecated old name of ``log`` (a ``FutureWarning``; both together: ``ValueError``).
 
     Example::
 
@@ -94,7 +96,8 @@ class WeightNoise(Callback):
 
     def __init__(self, std: float = 0.01, mode: NoiseMode = "additive", include: str | None = None,
                  exclude: str | None = None, layer_types: list[str] | None = None, seed: int = 0,
-                 log_values: bool = True) -> None:
+                 log: bool | None = None, log_values: bool | None = None) -> None:
+        log_enabled = resolve_log_flag("WeightNoise", log, log_values=log_values)
         check_positive("std", std)
         if mode not in get_args(NoiseMode):
             raise ValueError(f"mode={mode!r} is not allowed; choose one of {list(get_args(NoiseMode))}.")
@@ -108,7 +111,7 @@ class WeightNoise(Callback):
         self.exclude = exclude
         self.layer_types = list(layer_types) if layer_types is not None else None
         self.seed = seed
-        self.log_values = check_log_flag("log_values", log_values)
+        self._log_enabled = log_enabled  # not ``self.log``: Lightning assigns that before setup
         self.parameter_names: list[str] = []
         self._params: list[nn.Parameter] = []
         self._clean: list[torch.Tensor] | None = None
@@ -166,7 +169,7 @@ class WeightNoise(Callback):
             for p, c in zip(self._params, self._clean or []):
                 perturb_weights_([p], self.std, self.mode, self._generator(p.device, seed), [c])
         self._perturbed = True
-        if self.log_values:
+        if self._log_enabled:
             log_step_metrics(pl_module, self._relative_norm)
 
     @torch.no_grad()

@@ -18,7 +18,7 @@ from torch import nn
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.loss_terms import LossTermHandle, add_loss_term
 from lightning_techniques._internal.schedule import interpolate, progress
-from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
+from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics, resolve_log_flag
 from lightning_techniques._internal.validation import check_non_negative, check_number, resolve_layer_type
 from lightning_techniques.finetune._peft import current_parameter_name
 
@@ -123,7 +123,7 @@ class _WeightPenalty(Callback):
         include: str | None = None,
         exclude: str | None = None,
         layer_types: list[str] | None = None,
-        log_values: bool = True,
+        log: bool = True,
     ) -> None:
         check_number("coefficient", coefficient, low=0.0, low_inclusive=False)
         check_non_negative("warmup_steps", warmup_steps, integer=True)
@@ -135,7 +135,7 @@ class _WeightPenalty(Callback):
         self.include = include
         self.exclude = exclude
         self.layer_types = list(layer_types) if layer_types is not None else None
-        self.log_values = check_log_flag("log_values", log_values)
+        self._log_enabled = check_log_flag("log", log)  # not ``self.log``: Lightning assigns that before setup
         self.term_name = f"{self.kind}_penalty"
         self.parameter_names: list[str] = []
         self.last_coefficient = 0.0
@@ -170,7 +170,7 @@ class _WeightPenalty(Callback):
             value = loss.new_zeros(())
         else:
             value = coefficient * weight_penalty(self._params, self.kind)
-        if self.log_values:
+        if self._log_enabled:
             log_step_metrics(module, lambda: {f"{self.term_name}/term": value.detach(),
                                               f"{self.term_name}/coefficient": coefficient})
         return value
@@ -207,7 +207,9 @@ class L1Penalty(_WeightPenalty):
         include: regex on qualified parameter names replacing the default "weights" rule (e.g. ``"^head\\."``).
         exclude: regex of parameter names to leave out.
         layer_types: only parameters of these layer types (names or import paths, e.g. ``["Linear"]``).
-        log_values: log ``l1_penalty/term`` and ``l1_penalty/coefficient`` at the ``log_every_n_steps`` cadence.
+        log: log ``l1_penalty/term`` and ``l1_penalty/coefficient`` at the ``log_every_n_steps`` cadence (not
+            passed: ``True``; ``False``: log nothing).
+        log_values: deprecated old name of ``log`` (a ``FutureWarning``; both together: ``ValueError``).
 
     Example::
 
@@ -223,8 +225,10 @@ class L1Penalty(_WeightPenalty):
     conflicts_with: tuple[str, ...] = ("L1Penalty",)  # two would register the same loss term
 
     def __init__(self, coefficient: float = 1e-4, warmup_steps: int = 0, include: str | None = None,
-                 exclude: str | None = None, layer_types: list[str] | None = None, log_values: bool = True) -> None:
-        super().__init__(coefficient, warmup_steps, include, exclude, layer_types, log_values)
+                 exclude: str | None = None, layer_types: list[str] | None = None, log: bool | None = None,
+                 log_values: bool | None = None) -> None:
+        super().__init__(coefficient, warmup_steps, include, exclude, layer_types,
+                         resolve_log_flag("L1Penalty", log, log_values=log_values))
 
 
 class L2Penalty(_WeightPenalty):
@@ -242,7 +246,9 @@ class L2Penalty(_WeightPenalty):
         include: regex on qualified parameter names replacing the default "weights" rule.
         exclude: regex of parameter names to leave out.
         layer_types: only parameters of these layer types (names or import paths).
-        log_values: log ``l2_penalty/term`` and ``l2_penalty/coefficient`` at the ``log_every_n_steps`` cadence.
+        log: log ``l2_penalty/term`` and ``l2_penalty/coefficient`` at the ``log_every_n_steps`` cadence (not
+            passed: ``True``; ``False``: log nothing).
+        log_values: deprecated old name of ``log`` (a ``FutureWarning``; both together: ``ValueError``).
 
     Example::
 
@@ -257,5 +263,7 @@ class L2Penalty(_WeightPenalty):
     conflicts_with: tuple[str, ...] = ("L2Penalty",)  # two would register the same loss term
 
     def __init__(self, coefficient: float = 1e-4, warmup_steps: int = 0, include: str | None = None,
-                 exclude: str | None = None, layer_types: list[str] | None = None, log_values: bool = True) -> None:
-        super().__init__(coefficient, warmup_steps, include, exclude, layer_types, log_values)
+                 exclude: str | None = None, layer_types: list[str] | None = None, log: bool | None = None,
+                 log_values: bool | None = None) -> None:
+        super().__init__(coefficient, warmup_steps, include, exclude, layer_types,
+                         resolve_log_flag("L2Penalty", log, log_values=log_values))

@@ -144,6 +144,17 @@ def test_fp16_scale_and_skips_are_logged(tmp_path: Path, trainer_kwargs: dict) -
     assert logged == {0: (1024.0, 0.0), 1: (512.0, 1.0), 2: (512.0, 0.0)}
 
 
+def test_log_false_logs_nothing_and_still_records(tmp_path: Path, trainer_kwargs: dict) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    plugin = SmartMixedPrecision("16-mixed", device="cpu", init_scale=1024.0, log=False)
+    kwargs = dict(trainer_kwargs, logger=CSVLogger(tmp_path, name="amp"), log_every_n_steps=1)
+    trainer, _ = _fit(plugin, kwargs, [Poison({1})], steps=3)
+    metrics = Path(trainer.logger.log_dir) / "metrics.csv"
+    assert "amp/" not in (metrics.read_text() if metrics.exists() else "")
+    assert plugin.skipped_steps == [1] and [s for _, s in plugin.scale_history] == [1024.0, 512.0, 512.0]
+
+
 @pytest.mark.parametrize("on_limit", ["raise", "stop"])
 def test_too_many_consecutive_skips_stop_the_run(on_limit: str, trainer_kwargs: dict) -> None:
     plugin = SmartMixedPrecision("16-mixed", device="cpu", max_consecutive_skips=2, on_limit=on_limit)
@@ -205,6 +216,7 @@ def test_fp32_modules_that_match_nothing_fail_before_the_first_step(trainer_kwar
         ({"on_limit": "ignore"}, ValueError, "on_limit"),
         ({"init_scale": 0.0}, ValueError, "init_scale"),
         ({"device": 3}, TypeError, "device"),
+        ({"log": "no"}, TypeError, "log must be True or False"),
     ],
 )
 def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:

@@ -108,8 +108,8 @@ class AdaLoRA(FinetuneSession, Callback):
         orth_reg_weight: weight of the orthogonality regulariser (0: none).
         total_steps: the run's optimizer steps (``None``: ``trainer.estimated_stepping_batches`` at train start).
         train_also: names / regular expressions of submodules that train too (e.g. ``["head"]``).
-        log: log ``adalora/budget`` (sum of current ranks) at the ``log_every_n_steps`` cadence (not passed:
-            ``True``; ``False``: log nothing).
+        log: log ``adalora/budget`` (sum of current ranks) at the ``log_every_n_steps`` cadence and the
+            orthogonality term (``loss_terms/adalora_orth``) (not passed: ``True``; ``False``: log nothing).
         log_ranks: deprecated old name of ``log`` (a ``FutureWarning``; both together: ``ValueError``).
 
     Example::
@@ -200,7 +200,7 @@ class AdaLoRA(FinetuneSession, Callback):
             weight = self.orth_reg_weight
             self._loss_term = add_loss_term(
                 pl_module, "adalora_orth", lambda module, batch, batch_idx, loss: weight * orthogonal_regularization(
-                    module).to(loss.device))
+                    module).to(loss.device), log=self._log_enabled)
 
     def _config(self, paths: list[str]) -> Any:
         peft = require("peft", "finetune", "AdaLoRA")

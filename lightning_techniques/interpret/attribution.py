@@ -41,6 +41,7 @@ from lightning_techniques._internal.batch import get_inputs, get_targets
 from lightning_techniques._internal.eval_grad import gradients_enabled, usable_tensor
 from lightning_techniques._internal.eval_stages import fetch_samples
 from lightning_techniques._internal.optional import require
+from lightning_techniques._internal.step_logging import check_log_flag
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
 
 Selection = Literal["per_class", "confident_wrong"]
@@ -459,6 +460,8 @@ class AttributionLogger(Callback):
         figure: draw ``overlay`` as the labelled figure (:func:`plot_attributions`, ~0.2-0.5 s of CPU an event)
             or, with False, as a bare tiled PNG (:func:`overlay_grid`, ~0.01 s; no labels, no colorbar).
         every_n_epochs: deprecated old name of ``every_n_val_epochs`` (a ``FutureWarning``; not both).
+        log: send the numeric summaries as metrics to the attached loggers (``False``: none; the artefacts are
+            still written and ``self.history`` still kept).
 
     Limits: the module's ``forward`` must take the input tensor and return ``[B, num_classes]`` logits; the
     evaluation dataset must be map-style (indexable); FSDP/DeepSpeed are refused (sharded weights); under DDP the
@@ -486,6 +489,7 @@ class AttributionLogger(Callback):
         class_names: list[str] | None = None,
         figure: bool = True,
         every_n_epochs: int | None = None,
+        log: bool = True,
     ) -> None:
         every_n_val_epochs = resolve_every_n_val_epochs(type(self).__name__, every_n_val_epochs, every_n_epochs,
                                                         self.default_every_n_val_epochs)
@@ -512,6 +516,7 @@ class AttributionLogger(Callback):
         self.target_key = target_key
         self.class_names = list(class_names) if class_names is not None else None
         self.figure = figure
+        self._log_enabled = check_log_flag("log", log)  # not ``self.log``: Lightning assigns that before setup
         self.indices: dict[str, list[int] | None] = {"val": None, "test": None}
         self.validation_runs = 0
         self.history: list[dict[str, Any]] = []
@@ -644,7 +649,7 @@ class AttributionLogger(Callback):
         self._write(trainer, stage, step, indices, labels, preds, logits, explained, inputs, raw_inputs, attributions,
                     tables)
         metrics = {f"{self.name}/{stage}/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}
-        if metrics:
+        if metrics and self._log_enabled:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
         return event
@@ -702,7 +707,7 @@ class SaliencyLogger(AttributionLogger):
 
     Args:
         every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-            input_key, target_key, class_names, figure, every_n_epochs (deprecated):
+            input_key, target_key, class_names, figure, every_n_epochs (deprecated), log:
             as for :class:`AttributionLogger` (when, which samples, which class).
 
     Example::
@@ -721,9 +726,9 @@ class SaliencyLogger(AttributionLogger):
                  name: str | None = None, input_key: str | int | None = None,
                  target_key: str | int | None = None,
                  class_names: list[str] | None = None, figure: bool = True,
-                 every_n_epochs: int | None = None) -> None:
+                 every_n_epochs: int | None = None, log: bool = True) -> None:
         super().__init__(every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed,
-                         name, input_key, target_key, class_names, figure, every_n_epochs)
+                         name, input_key, target_key, class_names, figure, every_n_epochs, log)
         _captum_attr(type(self).__name__)
 
     def attribute(self, model: nn.Module, inputs: Tensor, target: Tensor, trainer: Any) -> tuple[Tensor, dict[str, Any]]:
@@ -746,7 +751,7 @@ class IntegratedGradientsLogger(AttributionLogger):
         baseline: constant baseline input (0 = black image / all-zero features).
         completeness_tolerance: relative gap above which a warning is issued.
         every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-            input_key, target_key, class_names, figure, every_n_epochs (deprecated):
+            input_key, target_key, class_names, figure, every_n_epochs (deprecated), log:
             as for :class:`AttributionLogger` (when, which samples, which class).
 
     Example::
@@ -765,9 +770,9 @@ class IntegratedGradientsLogger(AttributionLogger):
                  name: str | None = None, input_key: str | int | None = None,
                  target_key: str | int | None = None,
                  class_names: list[str] | None = None, figure: bool = True,
-                 every_n_epochs: int | None = None) -> None:
+                 every_n_epochs: int | None = None, log: bool = True) -> None:
         super().__init__(every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed,
-                         name, input_key, target_key, class_names, figure, every_n_epochs)
+                         name, input_key, target_key, class_names, figure, every_n_epochs, log)
         check_positive("n_steps", n_steps, integer=True)
         check_number("baseline", baseline)
         check_positive("completeness_tolerance", completeness_tolerance)
@@ -827,7 +832,7 @@ class DeepLiftLogger(AttributionLogger):
             non-linearities DeepLIFT cannot see: functional calls such as ``F.relu``, or a module used twice; the
             warning says so - more steps do not apply to DeepLIFT).
         every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-            input_key, target_key, class_names, figure, every_n_epochs (deprecated):
+            input_key, target_key, class_names, figure, every_n_epochs (deprecated), log:
             as for :class:`AttributionLogger` (when, which samples, which class).
 
     Example::
@@ -846,9 +851,9 @@ class DeepLiftLogger(AttributionLogger):
                  explain: Explain = "prediction", log_on_test: bool = True, seed: int = 0, name: str | None = None,
                  input_key: str | int | None = None, target_key: str | int | None = None,
                  class_names: list[str] | None = None, figure: bool = True,
-                 every_n_epochs: int | None = None) -> None:
+                 every_n_epochs: int | None = None, log: bool = True) -> None:
         super().__init__(every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed,
-                         name, input_key, target_key, class_names, figure, every_n_epochs)
+                         name, input_key, target_key, class_names, figure, every_n_epochs, log)
         check_number("baseline", baseline)
         check_positive("completeness_tolerance", completeness_tolerance)
         _captum_attr(type(self).__name__)

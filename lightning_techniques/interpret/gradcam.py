@@ -86,7 +86,7 @@ class GradCAMLogger(AttributionLogger):
         interpolate_mode: how the coarse map is upsampled to the input (``bilinear``, ``nearest``, ``bicubic``,
             ``area``).
         every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-            input_key, target_key, class_names, figure, every_n_epochs (deprecated):
+            input_key, target_key, class_names, figure, every_n_epochs (deprecated), log:
             as for :class:`~lightning_techniques.interpret.attribution.AttributionLogger`.
 
     Example::
@@ -106,9 +106,9 @@ class GradCAMLogger(AttributionLogger):
                  explain: Explain = "prediction", log_on_test: bool = True, seed: int = 0, name: str | None = None,
                  input_key: str | int | None = None, target_key: str | int | None = None,
                  class_names: list[str] | None = None, figure: bool = True,
-                 every_n_epochs: int | None = None) -> None:
+                 every_n_epochs: int | None = None, log: bool = True) -> None:
         super().__init__(every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed,
-                         name, input_key, target_key, class_names, figure, every_n_epochs)
+                         name, input_key, target_key, class_names, figure, every_n_epochs, log)
         if target_layer is not None and (not isinstance(target_layer, str) or not target_layer):
             raise ValueError(f"target_layer must be a qualified module name or None, got {target_layer!r}.")
         check_choice("interpolate_mode", interpolate_mode, INTERPOLATION)

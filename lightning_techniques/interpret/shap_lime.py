@@ -246,7 +246,7 @@ class SHAPLogger(AttributionLogger):
         background_size: number of training samples in the background set.
         nsamples: GradientExplainer samples per explained input.
         every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-            input_key, target_key, class_names, figure, every_n_epochs (deprecated):
+            input_key, target_key, class_names, figure, every_n_epochs (deprecated), log:
             as for :class:`~lightning_techniques.interpret.attribution.AttributionLogger`.
 
     Example::
@@ -266,9 +266,9 @@ class SHAPLogger(AttributionLogger):
                  name: str | None = None, input_key: str | int | None = None,
                  target_key: str | int | None = None,
                  class_names: list[str] | None = None, figure: bool = True,
-                 every_n_epochs: int | None = None) -> None:
+                 every_n_epochs: int | None = None, log: bool = True) -> None:
         super().__init__(every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed,
-                         name, input_key, target_key, class_names, figure, every_n_epochs)
+                         name, input_key, target_key, class_names, figure, every_n_epochs, log)
         check_choice("explainer", explainer, EXPLAINERS)
         check_positive("background_size", background_size, integer=True)
         check_positive("nsamples", nsamples, integer=True)
@@ -329,7 +329,7 @@ class LIMELogger(AttributionLogger):
         baseline: value of a switched-off superpixel.
         alpha: Lasso penalty of the interpretable model (0: plain weighted least squares).
         every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed, name,
-            input_key, target_key, class_names, figure, every_n_epochs (deprecated):
+            input_key, target_key, class_names, figure, every_n_epochs (deprecated), log:
             as for :class:`~lightning_techniques.interpret.attribution.AttributionLogger`.
 
     Example::
@@ -349,9 +349,9 @@ class LIMELogger(AttributionLogger):
                  name: str | None = None, input_key: str | int | None = None,
                  target_key: str | int | None = None,
                  class_names: list[str] | None = None, figure: bool = True,
-                 every_n_epochs: int | None = None) -> None:
+                 every_n_epochs: int | None = None, log: bool = True) -> None:
         super().__init__(every_n_val_epochs, selection, samples_per_class, max_samples, explain, log_on_test, seed,
-                         name, input_key, target_key, class_names, figure, every_n_epochs)
+                         name, input_key, target_key, class_names, figure, every_n_epochs, log)
         check_positive("superpixel_size", superpixel_size, integer=True)
         check_positive("n_samples", n_samples, integer=True)
         check_number("baseline", baseline)

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_techniques._internal.patching import MethodPatch
+from lightning_techniques._internal.step_logging import check_log_flag
 from lightning_techniques._internal.validation import check_choice, check_positive
 from lightning_techniques.optim.guard import MAX_RECORDED_STEPS, NonFiniteTrainingError
 
@@ -103,6 +104,8 @@ class SmartMixedPrecision(MixedPrecision):
         on_limit: ``"raise"`` (a :class:`NonFiniteTrainingError`) or ``"stop"`` (graceful ``trainer.should_stop``).
         init_scale, growth_interval: GradScaler settings (``16-mixed`` only).
         history_size: how many ``(step, scale)`` entries ``scale_history`` keeps (the most recent; default 10,000).
+        log: log ``amp/loss_scale`` and ``amp/skipped_step`` to the loggers (``False``: log nothing; the history is
+            still kept).
 
     Example::
 
@@ -128,6 +131,7 @@ class SmartMixedPrecision(MixedPrecision):
         init_scale: float = 2.0**16,
         growth_interval: int = 2000,
         history_size: int = 10_000,
+        log: bool = True,
     ) -> None:
         check_choice("precision", precision, ["auto", "bf16-mixed", "16-mixed", "32-true"])
         if device is None:
@@ -144,6 +148,7 @@ class SmartMixedPrecision(MixedPrecision):
         check_positive("init_scale", init_scale)
         check_positive("growth_interval", growth_interval, integer=True)
         check_positive("history_size", history_size, integer=True)
+        log_enabled = check_log_flag("log", log)
         resolved = best_precision(device) if precision == "auto" else precision
         if precision == "auto" and resolved == "32-true":
             rank_zero_warn(
@@ -163,6 +168,7 @@ class SmartMixedPrecision(MixedPrecision):
         self.on_limit = on_limit
         self.init_scale = float(init_scale)
         self.growth_interval = growth_interval
+        self._log_enabled = log_enabled
         self.history_size = history_size
         self.scale_history: list[tuple[int, float]] = []
         self.skipped_steps: list[int] = []
@@ -237,6 +243,8 @@ class SmartMixedPrecision(MixedPrecision):
         return output
 
     def _log(self, trainer: Any, step: int, scale: float, skipped: bool) -> None:
+        if not self._log_enabled:
+            return
         every = max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
         if not skipped and (step + 1) % every != 0:
             return

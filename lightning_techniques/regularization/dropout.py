@@ -20,7 +20,7 @@ from lightning_techniques._internal.batch import get_inputs, get_targets
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.distributed import all_reduce_sum
 from lightning_techniques._internal.schedule import interpolate, progress
-from lightning_techniques._internal.step_logging import log_step_metrics, resolve_log_flag
+from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics, resolve_log_flag
 from lightning_techniques._internal.validation import check_number, check_positive
 
 DropoutScheduleKind = Literal["linear", "curriculum"]
@@ -215,6 +215,8 @@ class MCDropout(Callback):
         input_key, target_key: where input and target are in a dict/tuple batch (default: elements 0 and 1).
         forward_fn: ``forward_fn(module, batch) -> logits`` (the whole batch) when the forward is not
             ``module(inputs)``.
+        log: log the ``mc_dropout/<stage>_*`` metrics (``False``: log nothing; ``last_metrics`` and
+            ``predictions`` are still kept).
 
     Example::
 
@@ -230,7 +232,7 @@ class MCDropout(Callback):
 
     def __init__(self, num_samples: int = 20, stages: list[MCStage] | None = None, seed: int = 0,
                  input_key: str | int | None = None, target_key: str | int | None = None,
-                 forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None) -> None:
+                 forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None, log: bool = True) -> None:
         check_number("num_samples", num_samples, low=2, integer=True)
         stages = ["test", "predict"] if stages is None else stages
         if not isinstance(stages, (list, tuple)) or not stages:
@@ -247,6 +249,7 @@ class MCDropout(Callback):
         self.input_key = input_key
         self.target_key = target_key
         self.forward_fn = forward_fn
+        self._log_enabled = check_log_flag("log", log)  # not ``self.log``: Lightning assigns that before setup
         self.predictions: list[dict[str, torch.Tensor]] = []
         self.last_metrics: dict[str, float] = {}
         self._sums: torch.Tensor | None = None  # correct, nll, entropy, mutual info, count
@@ -286,6 +289,8 @@ class MCDropout(Callback):
             return
         values = {"acc": sums[0], "nll": sums[1], "entropy": sums[2], "mutual_info": sums[3]}
         self.last_metrics = {f"mc_dropout/{stage}_{k}": float(v) / count for k, v in values.items()}
+        if not self._log_enabled:
+            return
         has_logger = bool(getattr(trainer, "loggers", None))
         for key, value in self.last_metrics.items():
             pl_module.log(key, value, logger=has_logger)

@@ -261,6 +261,60 @@ def test_fused_agc_matches_the_per_tensor_reference(dtype: torch.dtype) -> None:
             torch.testing.assert_close(p.grad, r.grad, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
 
 
+class _Params(nn.Module):
+    def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.ps = nn.ParameterList([nn.Parameter(torch.randn(s).to(dtype)) for s in shapes])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the preallocated plan, and the general path
+def test_agc_callback_matches_the_per_tensor_reference_step_after_step(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    module = _Params([(6, 3, 3, 3), (6,), (10, 24), (10,), ()], dtype)
+    agc = AdaptiveGradientClipping(clipping=0.1, log=False)
+    for step in range(3):  # the plan's buffer sets alternate: every step must still be exact
+        grads = [(torch.randn(p.shape) * 0.1 * (step + 1)).to(dtype) for p in module.ps]
+        reference = [nn.Parameter(p.detach().clone()) for p in module.ps]
+        for r, p, g in zip(reference, module.ps, grads):
+            r.grad, p.grad = g.clone(), g.clone()
+        clipped, total = _reference_agc_(reference, 0.1, 1e-3)
+        agc.on_before_optimizer_step(None, module, None)
+        for r, p in zip(reference, module.ps):
+            torch.testing.assert_close(p.grad, r.grad, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
+        assert agc.unit_clip_fraction == pytest.approx(clipped / total)
+        assert agc.last_norm_after == pytest.approx(total_grad_norm(module.ps), rel=1e-4 if dtype == torch.float32
+                                                    else 1e-2)
+    assert agc.steps == 3
+
+
+def test_agc_non_finite_steps_change_nothing_and_keep_the_last_steps_values() -> None:
+    torch.manual_seed(0)
+    module = _Params([(4, 8), (4,)], torch.float32)
+    agc = AdaptiveGradientClipping(clipping=0.01, log=False)
+    for p in module.ps:
+        p.grad = torch.randn(p.shape)
+    reference = [nn.Parameter(p.detach().clone()) for p in module.ps]
+    for r, p in zip(reference, module.ps):
+        r.grad = p.grad.clone()
+    before = total_grad_norm(module.ps)
+    clipped, total = _reference_agc_(reference, 0.01, 1e-3)
+    agc.on_before_optimizer_step(None, module, None)  # its norm after and unit fraction are read only at the end
+    after, fraction = total_grad_norm(module.ps), clipped / total
+    assert 0 < fraction and after < before
+    for _ in range(3):  # more than the plan's two buffer sets
+        for p in module.ps:
+            p.grad = torch.randn(p.shape)
+        module.ps[0].grad[0, 0] = float("nan")
+        bad = [p.grad.clone() for p in module.ps]
+        agc.on_before_optimizer_step(None, module, None)
+        for p, g in zip(module.ps, bad):
+            torch.testing.assert_close(p.grad, g, equal_nan=True)  # left alone
+    assert agc.steps == 1
+    assert agc.last_norm_after == pytest.approx(after, rel=1e-5)
+    assert agc.unit_clip_fraction == pytest.approx(fraction)
+    assert agc.last_norm_before == pytest.approx(before, rel=1e-5)
+
+
 def test_total_grad_norm_matches_torch_in_mixed_dtypes() -> None:
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(5, 4)), nn.Parameter(torch.randn(3).half()), nn.Parameter(torch.randn(2))]

@@ -29,20 +29,21 @@ def soft_targets(y: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.f
     if y.ndim != 1 or y.is_floating_point():
         raise ValueError(f"targets must be integer class labels [B] or probabilities [B, K], got {y.dtype} "
                          f"of shape {tuple(y.shape)}.")
-    if y.numel():
-        message = f"target labels must be in [0, {num_classes})"
-        if y.device.type == "cpu":  # one fused min/max, no device to wait for
-            low, high = (int(v) for v in torch.aminmax(y))
-            if low < 0 or high >= num_classes:
-                raise ValueError(f"{message}, got min {low}, max {high}.")
-        else:  # checked on the device, without a host sync (a device-side assert on failure)
-            torch._assert_async(((y >= 0) & (y < num_classes)).all(), message)
-    return F.one_hot(y.long(), num_classes).to(dtype)
+    message = f"target labels must be in [0, {num_classes})"
+    if y.numel() and y.device.type != "cpu":  # checked on the device, without a host sync (device-side assert)
+        torch._assert_async(((y >= 0) & (y < num_classes)).all(), message)
+    try:  # on the CPU one_hot checks the range itself (one fused pass): no second check on the way
+        return F.one_hot(y.long(), num_classes).to(dtype)
+    except RuntimeError as error:
+        low, high = (int(v) for v in torch.aminmax(y))
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"{message}, got min {low}, max {high}.") from error
+        raise
 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, lam: float, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(lam x + (1 - lam) x[perm], lam y + (1 - lam) y[perm])`` for soft targets ``y`` (Zhang et al. 2018)."""
-    return lam * x + (1.0 - lam) * x[perm], lam * y + (1.0 - lam) * y[perm]
+    return torch.lerp(x, x[perm], 1.0 - lam), torch.lerp(y, y[perm], 1.0 - lam)  # x + (1 - lam) (x[perm] - x)
 
 
 def cutmix_box(height: int, width: int, lam: float, rng: np.random.Generator) -> tuple[int, int, int, int]:

@@ -142,3 +142,20 @@ def test_on_a_gpu_the_weights_are_4_bit_on_the_device_and_it_trains(tmp_path: Pa
     assert layer.weight.device.type == "cuda" and layer.weight.dtype == torch.uint8
     assert layer.weight.quant_state.absmax.device.type == "cuda"
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+
+
+def test_validation_between_training_steps_keeps_the_layers_working(tmp_path: Path) -> None:
+    """On CPUs with AVX512-BF16 bitsandbytes would repack a 4-bit weight in place at its first eval-mode forward
+    without gradients (a validation loop), which fails for out_features not divisible by 32 (the 10-class head)
+    and breaks the next training forward; QLoRA's layers keep the common layout on every CPU."""
+    L.seed_everything(0)
+    module = _adam_mlp()
+    trainer(tmp_path, 4, callbacks=[QLoRA(rank=2)], limit_val_batches=1, val_check_interval=2).fit(
+        module, datamodule=DigitsDataModule())
+    layers = [m for m in module.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        module.eval()(x)
+    module.train()(x).sum().backward()  # training after an eval-mode forward without gradients

@@ -51,6 +51,16 @@ def _load_prequantized(module: nn.Module, state_dict: dict[str, Any], prefix: st
                                                         device=device, module=module)
 
 
+def _keep_cpu_layout(layer: nn.Module) -> None:
+    """Switch off bitsandbytes' AVX512-BF16 CPU inference layout for ``layer``. On CPUs with AVX512-BF16 (Intel
+    Sapphire Rapids and later) ``Linear4bit.forward`` repacks the weight in place the first time it runs in eval mode
+    without gradients - a Lightning validation loop - and that layout needs ``out_features`` divisible by 32
+    (``AssertionError: N must be divisible by block_n`` otherwise) and breaks the next training forward (an
+    in-place operation on a view of a leaf that requires grad). Training alternates with validation, so the layer
+    keeps the layout every CPU and GPU uses; only eval-mode CPU matmuls of such CPUs lose their faster kernel."""
+    layer.support_avx512bf16_for_cpu = False
+
+
 def quantize_linear_4bit(model: nn.Module, paths: Sequence[str], quant_type: str = "nf4", double_quant: bool = True,
                          compute_dtype: str = "float32", blocksize: int = 64) -> list[str]:
     """Replace the ``nn.Linear`` layers of ``model`` at ``paths`` by bitsandbytes ``Linear4bit`` layers whose weights
@@ -65,6 +75,7 @@ def quantize_linear_4bit(model: nn.Module, paths: Sequence[str], quant_type: str
     for path in paths:
         layer = model.get_submodule(path)
         if isinstance(layer, bnb.nn.Linear4bit):
+            _keep_cpu_layout(layer)
             done.append(path)
             continue
         if not isinstance(layer, nn.Linear):
@@ -81,6 +92,7 @@ def quantize_linear_4bit(model: nn.Module, paths: Sequence[str], quant_type: str
         quantized.train(layer.training)
         quantized = quantized.to(device if device.type != "meta" else "cpu")  # packs the weight (CPU or CUDA)
         quantized._register_load_state_dict_pre_hook(_load_prequantized, with_module=True)
+        _keep_cpu_layout(quantized)
         parent_path, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent_path) if parent_path else model, child, quantized)
         done.append(path)

@@ -58,7 +58,7 @@ def _keep_cpu_layout(layer: nn.Module) -> None:
     (``AssertionError: N must be divisible by block_n`` otherwise) and breaks the next training forward (an
     in-place operation on a view of a leaf that requires grad). Training alternates with validation, so the layer
     keeps the layout every CPU and GPU uses; only eval-mode CPU matmuls of such CPUs lose their faster kernel."""
-    layer.support_avx512bf16_for_cpu = False
+    setattr(layer, "support_avx512bf16_for_cpu", False)  # noqa: B010 (nn.Module.__setattr__ is typed for tensors)
 
 
 def quantize_linear_4bit(model: nn.Module, paths: Sequence[str], quant_type: str = "nf4", double_quant: bool = True,

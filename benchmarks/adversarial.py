@@ -36,10 +36,10 @@ VARIANTS: dict[str, Any] = {
     "standard": lambda: [],
     "standard again (A/A)": lambda: [],
     f"FGSM (eps {TRAIN_EPS})": lambda: [AdversarialTraining("fgsm", eps=TRAIN_EPS, input_range=[0.0, 1.0],
-                                                            log_values=False)],
+                                                            log=False)],
     f"PGD-3 (eps {TRAIN_EPS})": lambda: [AdversarialTraining("pgd", eps=TRAIN_EPS, steps=3, input_range=[0.0, 1.0],
-                                                             log_values=False)],
-    "VAT (eps 1.0, L2)": lambda: [VirtualAdversarialTraining(eps=1.0, input_range=[0.0, 1.0], log_values=False)],
+                                                             log=False)],
+    "VAT (eps 1.0, L2)": lambda: [VirtualAdversarialTraining(eps=1.0, input_range=[0.0, 1.0], log=False)],
 }
 
 

@@ -99,10 +99,10 @@ METHODS: dict[str, tuple[str | None, dict[str, Factory]]] = {
     "AdaLoRA r 8->4": ("AdaLoRA", {
         "digits": lambda s: {"targets": DIGITS_HIDDEN, "init_r": 8, "target_r": 4, "alpha": 8.0, "tinit": s // 10,
                              "tfinal": s // 5, "delta_t": 5, "total_steps": s, "train_also": ["net.5"],
-                             "log_ranks": False},
+                             "log": False},
         "sequences": lambda s: {"targets": [BERT_ATTN], "init_r": 8, "target_r": 4, "alpha": 8.0, "tinit": s // 10,
                                 "tfinal": s // 5, "delta_t": 5, "total_steps": s,
-                                "train_also": BERT_HEAD, "log_ranks": False},
+                                "train_also": BERT_HEAD, "log": False},
     }),
     "Adapters b=8": ("Adapters", {
         "digits": lambda s: {"targets": DIGITS_HIDDEN, "bottleneck": 8, "train_also": ["net.5"]},

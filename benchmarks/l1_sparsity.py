@@ -37,7 +37,7 @@ def run(coefficient: float, seed: int, steps: int) -> dict[str, float]:
     L.seed_everything(seed, verbose=False)
     model = DigitsCNN()
     datamodule = DigitsDataModule(seed=seed)
-    callbacks = [L1Penalty(coefficient, log_values=False)] if coefficient > 0 else []
+    callbacks = [L1Penalty(coefficient, log=False)] if coefficient > 0 else []
     quiet_trainer(max_steps=steps, limit_val_batches=0, callbacks=callbacks).fit(model, datamodule=datamodule)
     w = weights(model)
     out = {f"share of abs(w) < {t:.0e}": float((w.abs() < t).float().mean()) for t in THRESHOLDS}

@@ -287,7 +287,8 @@ def test_agc_callback_matches_the_per_tensor_reference_step_after_step(dtype: to
     assert agc.steps == 3
 
 
-def test_agc_non_finite_steps_change_nothing_and_keep_the_last_steps_values() -> None:
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_agc_non_finite_steps_change_nothing_and_keep_the_last_steps_values(bad: float) -> None:
     torch.manual_seed(0)
     module = _Params([(4, 8), (4,)], torch.float32)
     agc = AdaptiveGradientClipping(clipping=0.01, log=False)
@@ -304,15 +305,32 @@ def test_agc_non_finite_steps_change_nothing_and_keep_the_last_steps_values() ->
     for _ in range(3):  # more than the plan's two buffer sets
         for p in module.ps:
             p.grad = torch.randn(p.shape)
-        module.ps[0].grad[0, 0] = float("nan")
-        bad = [p.grad.clone() for p in module.ps]
+        module.ps[0].grad[0, 0] = bad
+        given = [p.grad.clone() for p in module.ps]
         agc.on_before_optimizer_step(None, module, None)
-        for p, g in zip(module.ps, bad):
+        for p, g in zip(module.ps, given):
             torch.testing.assert_close(p.grad, g, equal_nan=True)  # left alone
     assert agc.steps == 1
     assert agc.last_norm_after == pytest.approx(after, rel=1e-5)
     assert agc.unit_clip_fraction == pytest.approx(fraction)
     assert agc.last_norm_before == pytest.approx(before, rel=1e-5)
+
+
+def test_agc_units_with_a_zero_gradient_are_left_at_zero_and_not_counted() -> None:
+    module = _Params([(3, 4), (3,)], torch.float32)
+    agc = AdaptiveGradientClipping(clipping=0.01, log=False)
+    module.ps[0].grad = torch.zeros(3, 4)
+    module.ps[0].grad[1] = 100.0  # one unit far above the threshold, two with a zero gradient
+    module.ps[1].grad = torch.zeros(3)
+    agc.on_before_optimizer_step(None, module, None)
+    assert agc.steps == 1 and agc.clipped_steps == 1
+    assert torch.count_nonzero(module.ps[0].grad[[0, 2]]) == 0 and torch.count_nonzero(module.ps[1].grad) == 0
+    assert torch.isfinite(module.ps[0].grad).all()
+    assert agc.unit_clip_fraction == pytest.approx(1 / 4)  # 3 rows + the bias vector
+    for p in module.ps:
+        p.grad = torch.zeros_like(p)
+    agc.on_before_optimizer_step(None, module, None)  # all zero: nothing to clip, a finite step
+    assert agc.steps == 2 and agc.clipped_steps == 1 and agc.last_norm_before == 0.0 == agc.last_norm_after
 
 
 def test_total_grad_norm_matches_torch_in_mixed_dtypes() -> None:

@@ -86,25 +86,26 @@ def _unit_norm_vector(mats: list[Tensor], vecs: list[Tensor], device: torch.devi
 
 
 @torch.no_grad()
-def _agc_factors(params: Sequence[Tensor], clipping: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _agc_factors(params: Sequence[Tensor], clipping: float, eps: float) -> tuple[Tensor, Tensor]:
     """AGC's clipping factors for ``params`` (each with a gradient), without a host sync and without changing
     anything: the unit norms of every tensor are gathered into one vector (one norm op per weight matrix, one fused
     norm for all vectors) and the factors ``min(1, clipping * max(||w||, eps) / ||g||)`` computed in one chain of
     in-place vector ops.
 
-    Returns ``(norm_before, unit_grad_norms, factors)`` on the device, units in the order of
-    :func:`_apply_unit_factors_`; the total norm after clipping is ``||unit_grad_norms * factors||``
-    (``||g|| = ||(||g_unit||)_unit||``), so it needs no further pass over the gradients."""
+    Returns ``(unit_grad_norms, factors)`` on the device, units in the order of :func:`_apply_unit_factors_`; the
+    total norms before and after clipping are ``||unit_grad_norms||`` and ``||unit_grad_norms * factors||``
+    (``||g|| = ||(||g_unit||)_unit||``), so they need no further pass over the gradients. A unit whose gradient norm
+    is 0 gets the factor 1 (``x / 0 = inf``, capped at 1); an infinite gradient norm gives 0 and a NaN gives NaN,
+    which is how :class:`AdaptiveGradientClipping` tells a non-finite step from the smallest factor alone."""
     grads = cast(list[Tensor], [p.grad for p in params])
     device = grads[0].device
     mats = [i for i, p in enumerate(params) if p.ndim >= 2]
     vecs = [i for i, p in enumerate(params) if p.ndim < 2]
     weight_norms = _unit_norm_vector([params[i].detach() for i in mats], [params[i].detach() for i in vecs], device)
     grad_norms = _unit_norm_vector([grads[i] for i in mats], [grads[i] for i in vecs], device)
-    before = torch.linalg.vector_norm(grad_norms)
-    # weight_norms becomes the factor vector in place: clipping * max(||w||, eps) / max(||g||, 1e-6), at most 1
-    factors = weight_norms.clamp_min_(eps).mul_(clipping).div_(grad_norms.clamp_min(1e-6)).clamp_max_(1.0)
-    return before, grad_norms, factors
+    # weight_norms becomes the factor vector in place: clipping * max(||w||, eps) / ||g||, at most 1
+    factors = weight_norms.clamp_min_(eps).mul_(clipping).div_(grad_norms).clamp_max_(1.0)
+    return grad_norms, factors
 
 
 @torch.no_grad()
@@ -157,6 +158,7 @@ class _AGCPlan:
             g_mats = [g[a:b] for a, b in zip(bounds, bounds[1:])]
             views = [s.view(-1, *([1] * (p.ndim - 1))) for s, p in zip(w_mats, mats)] + list(w[split:].unbind())
             self.sets.append((w, g, w_mats, w[split:], g_mats, g[split:], views))
+        self.zero = torch.zeros((), dtype=torch.float32, device=device)
         self.kept = 1  # the set of the last step the caller kept; the next step writes into the other
 
     @staticmethod
@@ -169,8 +171,9 @@ class _AGCPlan:
         return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
 
     @torch.no_grad()
-    def factors(self, clipping: float, eps: float) -> tuple[Tensor, Tensor, Tensor, int]:
-        """``(norm_before, unit_grad_norms, factors, set index)`` of the current gradients (nothing changed)."""
+    def factors(self, clipping: float, eps: float) -> tuple[Tensor, Tensor, int]:
+        """``(unit_grad_norms, factors, set index)`` of the current gradients, nothing changed (the factors as in
+        :func:`_agc_factors`)."""
         index = 1 - self.kept
         w, g, w_mats, w_vec, g_mats, g_vec, _ = self.sets[index]
         grads = cast(list[Tensor], [p.grad for p in self.order])
@@ -182,9 +185,8 @@ class _AGCPlan:
         if self.vecs:
             torch.stack(torch._foreach_norm(self.vecs, 2), out=w_vec)
             torch.stack(torch._foreach_norm(grads[n:], 2), out=g_vec)
-        before = torch.linalg.vector_norm(g)
-        w.clamp_min_(eps).mul_(clipping).div_(g.clamp_min(1e-6)).clamp_max_(1.0)
-        return before, g, w, index
+        torch.addcdiv(self.zero, w.clamp_min_(eps), g, value=clipping, out=w).clamp_max_(1.0)  # 3 ops in place
+        return g, w, index
 
     @torch.no_grad()
     def apply_(self, index: int) -> None:
@@ -199,9 +201,9 @@ def _agc_(params: Sequence[Tensor], clipping: float, eps: float) -> tuple[Tensor
     if not params:
         zero = torch.zeros(())
         return zero, zero, zero
-    before, grad_norms, factors = _agc_factors(params, clipping, eps)
+    grad_norms, factors = _agc_factors(params, clipping, eps)
     _apply_unit_factors_(params, factors)
-    return before, torch.linalg.vector_norm(grad_norms * factors), (factors < 1.0).sum()
+    return torch.linalg.vector_norm(grad_norms), torch.linalg.vector_norm(grad_norms * factors), (factors < 1.0).sum()
 
 
 @torch.no_grad()
@@ -309,7 +311,7 @@ class _ClippingCallback(Callback):
         self._log_enabled = check_log_flag("log", log)
         self.steps = 0
         self.clipped_steps = 0
-        self.last_norm_before = 0.0
+        self._norm_before: float | Tensor = 0.0  # or the unit norms: computed when read
         self._norm_after: float | tuple[Tensor, Tensor] = 0.0  # or (unit norms, factors): computed when read
         self._param_cache: tuple[weakref.ref[Any], list[Tensor]] | None = None
 
@@ -329,6 +331,17 @@ class _ClippingCallback(Callback):
         pass
 
     @property
+    def last_norm_before(self) -> float:
+        """Total L2 gradient norm before the last step's clipping (computed from that step's norms when first read)."""
+        if isinstance(self._norm_before, Tensor):
+            self._norm_before = float(torch.linalg.vector_norm(self._norm_before))
+        return self._norm_before
+
+    @last_norm_before.setter
+    def last_norm_before(self, value: float) -> None:
+        self._norm_before = value
+
+    @property
     def last_norm_after(self) -> float:
         """Total L2 gradient norm after the last step's clipping (computed from that step's norms when first read)."""
         if isinstance(self._norm_after, tuple):
@@ -346,9 +359,10 @@ class _ClippingCallback(Callback):
         return self.clipped_steps / self.steps if self.steps else 0.0
 
     def _clip(self, trainer: Any, pl_module: Any,
-              params: list[Tensor]) -> tuple[bool, float, float | tuple[Tensor, Tensor]] | None:
-        """Clip in place; ``(clipped, norm_before, norm_after)`` (``norm_after`` may be the ``(unit norms,
-        factors)`` it is computed from when read), or None for a non-finite step (left alone)."""
+              params: list[Tensor]) -> tuple[bool, float | Tensor, float | tuple[Tensor, Tensor]] | None:
+        """Clip in place; ``(clipped, norm_before, norm_after)``, or None for a non-finite step (left alone).
+        ``norm_before`` may be the unit norms and ``norm_after`` the ``(unit norms, factors)`` they are computed from
+        when read."""
         raise NotImplementedError  # pragma: no cover
 
     def _metrics(self) -> dict[str, float]:
@@ -373,7 +387,7 @@ class _ClippingCallback(Callback):
         result = self._clip(trainer, pl_module, params)
         if result is None:
             return  # non-finite: the GradScaler (16-mixed) or NonFiniteGuard skips this step; do not clip or record
-        clipped, self.last_norm_before, self._norm_after = result
+        clipped, self._norm_before, self._norm_after = result
         self.steps += 1
         self.clipped_steps += int(clipped)
         if self._log_enabled:
@@ -406,7 +420,7 @@ class AdaptiveGradientClipping(_ClippingCallback):
     ``unit_clip_fraction`` holds the fraction of units clipped on the last step. The unit norms of all tensors are
     written into preallocated buffers (float32 weights on one device; otherwise gathered per step), the factors
     computed there in one chain of vector ops and applied with one fused multiply, only on steps where a unit is
-    clipped; one host sync per step (the norm before and the smallest factor).
+    clipped; one host sync per step (the smallest factor, which also tells a non-finite step).
 
     Args:
         clipping: the threshold lambda (paper: 0.01 for batch 4096; larger for small batches, e.g. 0.02-0.16).
@@ -464,16 +478,16 @@ class AdaptiveGradientClipping(_ClippingCallback):
         return _selected(pl_module, self.exclude)
 
     def _clip(self, trainer: Any, pl_module: Any,
-              params: list[Tensor]) -> tuple[bool, float, float | tuple[Tensor, Tensor]] | None:
+              params: list[Tensor]) -> tuple[bool, float | Tensor, float | tuple[Tensor, Tensor]] | None:
         plan = self._plan
         if plan is None or not plan.matches(params):
             plan = self._plan = _AGCPlan(params) if _AGCPlan.fits(params) else None
         if plan is not None:
-            before, unit_norms, factors, index = plan.factors(self.clipping, self.eps)
+            unit_norms, factors, index = plan.factors(self.clipping, self.eps)
         else:
-            before, unit_norms, factors = _agc_factors(params, self.clipping, self.eps)
-        norm_before, smallest = torch.stack([before, factors.min()]).tolist()  # the step's one host sync
-        if not math.isfinite(norm_before):
+            unit_norms, factors = _agc_factors(params, self.clipping, self.eps)
+        smallest = float(factors.min())  # the step's one host sync
+        if not smallest > 0.0:  # NaN: a NaN gradient (or weight); 0: an infinite gradient norm
             return None  # left alone: the GradScaler or NonFiniteGuard skips the step
         self._last_factors = factors
         clipped = smallest < 1.0
@@ -483,7 +497,7 @@ class AdaptiveGradientClipping(_ClippingCallback):
                 plan.apply_(index)
         elif clipped:
             _apply_unit_factors_(params, factors)
-        return clipped, norm_before, (unit_norms, factors)
+        return clipped, unit_norms, (unit_norms, factors)
 
 
 class AutoClip(_ClippingCallback):

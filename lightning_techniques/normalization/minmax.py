@@ -80,7 +80,7 @@ class MinMaxScale(nn.Module):
             raise ValueError(f"MinMaxScale: input of shape {tuple(x.shape)} does not match the fitted statistics of "
                              f"shape {tuple(self.scale.shape)}.")
         scale, offset = cached_cast(self, ("scale", "offset"), x.dtype, x.device)  # not re-cast for every batch
-        return x * scale + offset
+        return torch.addcmul(offset, x, scale)  # x * scale + offset in one op
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.scale.shape)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -52,21 +53,33 @@ def safe_std(m2: torch.Tensor, count: float, eps: float = 1e-8) -> torch.Tensor:
     return torch.where(std <= eps, torch.ones_like(std), std)
 
 
-def cached_cast(module: nn.Module, names: tuple[str, ...], dtype: torch.dtype,
-                device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``module``'s buffers ``names`` cast to ``dtype`` on ``device``, cast once and reused for every batch until a
-    buffer changes: replaced (``module.to(...)``, assignment) or modified in place (``load_state_dict`` copies into
-    it; tracked by the tensor's version counter). Inference tensors (no version counter) are cast every time."""
+def cached_cast(module: nn.Module, names: tuple[str, ...], dtype: torch.dtype, device: torch.device,
+                derive: Callable[..., tuple[torch.Tensor, ...]] | None = None) -> tuple[torch.Tensor, ...]:
+    """``module``'s buffers ``names`` (or ``derive(*buffers)``, computed in the buffers' own precision) cast to
+    ``dtype`` on ``device``, computed once and reused for every batch until a buffer changes: replaced
+    (``module.to(...)``, assignment) or modified in place (``load_state_dict`` copies into it; tracked by the
+    tensor's version counter). Inference tensors (no version counter) are cast every time."""
     sources = tuple(getattr(module, name) for name in names)
+
+    def make() -> tuple[torch.Tensor, ...]:
+        values = derive(*sources) if derive is not None else sources
+        return tuple(t.to(device=device, dtype=dtype) for t in values)
+
     if any(t.is_inference() for t in sources):
-        return tuple(t.to(device=device, dtype=dtype) for t in sources)
+        return make()
     key = (dtype, device, torch.is_inference_mode_enabled(), tuple(t._version for t in sources))
     cache = module.__dict__.get("_cast_cache")
     # the cache holds the source tensors themselves: identity, not a reusable id(), tells a replaced buffer
     if cache is None or cache[0] != key or any(a is not b for a, b in zip(cache[1], sources)):
-        cache = (key, sources, tuple(t.to(device=device, dtype=dtype) for t in sources))
+        cache = (key, sources, make())
         module.__dict__["_cast_cache"] = cache
     return cache[2]
+
+
+def _scale_and_shift(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1 / std, -mean / std)``: ``(x - mean) / std == x * scale + shift``, one fused ``addcmul`` per batch."""
+    scale = std.reciprocal()
+    return scale, -mean * scale
 
 
 def standardize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -106,8 +119,9 @@ class Standardize(nn.Module):
         if not x.is_floating_point():
             x = x.to(torch.get_default_dtype())
         _check_shape(x, self.mean, "Standardize")
-        mean, std = cached_cast(self, ("mean", "std"), x.dtype, x.device)  # not re-cast for every batch
-        return (x - mean) / std
+        # scale and shift computed in float64 and cast once, not for every batch
+        scale, shift = cached_cast(self, ("mean", "std"), x.dtype, x.device, _scale_and_shift)
+        return torch.addcmul(shift, x, scale)
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.mean.shape)}"

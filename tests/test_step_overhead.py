@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_techniques.normalization.minmax import MinMaxScale
-from lightning_techniques.normalization.zscore import Standardize, cached_cast, standardize
+from lightning_techniques.normalization.zscore import Standardize, _scale_and_shift, cached_cast, standardize
 
 
 def test_statistics_are_cast_once_and_recast_when_they_change() -> None:
@@ -18,15 +18,21 @@ def test_statistics_are_cast_once_and_recast_when_they_change() -> None:
     x = torch.randn(4, 5)
     first = cached_cast(module, ("mean", "std"), torch.float32, x.device)
     assert cached_cast(module, ("mean", "std"), torch.float32, x.device)[0] is first[0]  # reused, not re-cast
-    torch.testing.assert_close(module(x), standardize(x, mean, std), rtol=0, atol=0)
+    # the module derives (1 / std, -mean / std) from the same buffers: a different cache entry, not the raw cast
+    torch.testing.assert_close(module(x), standardize(x, mean, std), rtol=1e-6, atol=1e-6)
+    scale, shift = cached_cast(module, ("mean", "std"), torch.float32, x.device, _scale_and_shift)
+    assert cached_cast(module, ("mean", "std"), torch.float32, x.device, _scale_and_shift)[0] is scale
+    torch.testing.assert_close(scale, (1 / std).float(), rtol=0, atol=0)
+    torch.testing.assert_close(shift, (-mean / std).float(), rtol=1e-7, atol=1e-7)
+    assert torch.equal(module(x), torch.addcmul(shift, x, scale))
     assert module(x.double()).dtype == torch.float64  # a cast per dtype
     # in-place change of the statistics (what load_state_dict does) invalidates the cache
     new_mean = torch.randn(5, dtype=torch.float64)
     module.load_state_dict({"mean": new_mean, "std": std})
-    torch.testing.assert_close(module(x), standardize(x, new_mean, std), rtol=0, atol=0)
+    torch.testing.assert_close(module(x), standardize(x, new_mean, std), rtol=1e-6, atol=1e-6)
     # replacing the buffers (module.to / assignment) invalidates it too
     module.mean = torch.zeros(5, dtype=torch.float64)
-    torch.testing.assert_close(module(x), x / std.float(), rtol=0, atol=0)
+    torch.testing.assert_close(module(x), x / std.float(), rtol=1e-6, atol=1e-6)
     # the copy made by export / deepcopy computes the same
     torch.testing.assert_close(copy.deepcopy(module)(x), module(x), rtol=0, atol=0)
 

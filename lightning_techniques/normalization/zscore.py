@@ -67,7 +67,7 @@ def cached_cast(module: nn.Module, names: tuple[str, ...], dtype: torch.dtype, d
 
     if any(t.is_inference() for t in sources):
         return make()
-    key = (dtype, device, torch.is_inference_mode_enabled(), tuple(t._version for t in sources))
+    key = (dtype, device, torch.is_inference_mode_enabled(), tuple(t._version for t in sources), derive)
     cache = module.__dict__.get("_cast_cache")
     # the cache holds the source tensors themselves: identity, not a reusable id(), tells a replaced buffer
     if cache is None or cache[0] != key or any(a is not b for a, b in zip(cache[1], sources)):

@@ -299,7 +299,7 @@ def _selected(module: nn.Module, exclude: Sequence[str] | None) -> list[tuple[st
 
 class _ClippingCallback(Callback):
     """Shared adapter: acts in ``on_before_optimizer_step`` (unscaled, DDP-synchronised gradients), logs norms at
-    the Trainer's ``log_every_n_steps`` cadence. One host sync per optimizer step (the step's norms and counts)."""
+    the Trainer's ``log_every_n_steps`` cadence. One host sync per optimizer step (what the step's decision needs)."""
 
     takes_over: frozenset[str] = frozenset({"gradients"})  # see lightning_techniques/_internal/conflicts.py
     conflicts_with: tuple[str, ...] = ()

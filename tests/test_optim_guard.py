@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,9 @@ from lightning_techniques.optim.guard import (
     MAX_RECORDED_STEPS,
     NonFiniteGuard,
     NonFiniteTrainingError,
-    all_finite,
     drop_gradients_,
     nonfinite_gradients,
+    step_check,
 )
 from lightning_techniques.testing import assert_exact_resume, build_from_yaml
 
@@ -208,15 +209,18 @@ def test_builds_from_yaml(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- cost and bounded state
-def test_fused_check_does_not_overflow_on_huge_finite_gradients() -> None:
-    # a sum of squares of 1e30 overflows float32 to inf; the max-abs check must not call that non-finite
+def test_max_abs_count_does_not_overflow_but_the_step_check_skips_an_overflowing_norm() -> None:
+    # nonfinite_gradients (max-abs) never calls a finite value non-finite; the Guard's step check is the float32 L2
+    # norm, as clip_grad_norm_(error_if_nonfinite=True): 1e30 squared overflows, a step AutoClip/AGC could not clip
     a, b = nn.Parameter(torch.zeros(4)), nn.Parameter(torch.zeros(2, 2, dtype=torch.float16))
     a.grad, b.grad = torch.full((4,), 1e30), torch.full((2, 2), 6e4, dtype=torch.float16)
     assert nonfinite_gradients([a, b]) == 0
-    assert bool(all_finite([a.grad, b.grad]))
+    total, loss_ok = step_check([a.grad, b.grad])
+    assert not math.isfinite(total) and loss_ok
+    total, _ = step_check([b.grad])  # fp16 values near their maximum are reduced in float32: no overflow
+    assert total == pytest.approx(4 * 6e4 / 2, rel=1e-3)
     b.grad[0, 1] = float("nan")
     assert nonfinite_gradients([a, b]) == 1
-    assert not bool(all_finite([a.grad, b.grad]))
 
 
 def test_skipped_step_record_is_bounded() -> None:
@@ -248,17 +252,23 @@ def test_log_false_logs_nothing(trainer_kwargs: dict) -> None:
         assert bool(keys) is log, keys
 
 
-def test_fused_check_leaves_gradients_bit_identical_and_covers_every_dtype() -> None:
+def test_step_check_leaves_gradients_bit_identical_and_covers_every_dtype() -> None:
     torch.manual_seed(0)
     grads = [torch.randn(3, 4), torch.randn(5).half(), torch.randn(2, 2).bfloat16(), torch.randn(3).double(),
              torch.sparse_coo_tensor([[0, 2]], [1.0, 2.0], (4,))]
     before = [g.clone() for g in grads]
-    assert bool(all_finite(grads))
+    expected = math.sqrt(sum(float(g.to_dense().double().square().sum()) for g in grads))
+    total, loss_ok = step_check(grads, [torch.tensor(0.5), torch.tensor(2.0, dtype=torch.bfloat16)])
+    assert total == pytest.approx(expected, rel=1e-5) and loss_ok
     for g, b in zip(grads, before):
-        assert torch.equal(g.to_dense(), b.to_dense())  # the GradScaler kernel with scale 1 changes nothing
+        assert torch.equal(g.to_dense(), b.to_dense())
     for i in range(4):
         poisoned = [g.clone() for g in grads]
         poisoned[i].view(-1)[0] = float("inf") if i % 2 else float("nan")
-        assert not bool(all_finite(poisoned)), i
+        assert not math.isfinite(step_check(poisoned)[0]), i
     sparse_nan = torch.sparse_coo_tensor([[1]], [float("nan")], (4,))
-    assert not bool(all_finite([grads[0], sparse_nan]))
+    assert not math.isfinite(step_check([grads[0], sparse_nan])[0])
+    for bad in (float("nan"), float("inf")):  # a non-finite loss, alone or among several micro-batch losses
+        assert step_check(grads, [torch.tensor(1.0), torch.tensor(bad)]) == (pytest.approx(expected, rel=1e-5), False)
+        assert step_check([], [torch.tensor(bad)]) == (0.0, False)
+    assert step_check([]) == (0.0, True)

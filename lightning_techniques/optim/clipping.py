@@ -21,7 +21,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from lightning_techniques._internal import compat
+from lightning_techniques._internal import compat, grad_norms
+from lightning_techniques._internal.grad_norms import float32_norms, total_norm
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_number, check_positive
 
@@ -31,24 +32,11 @@ def _grads(parameters: Iterable[Tensor]) -> list[Tensor]:
     return [p.grad.detach() for p in parameters if p.grad is not None]
 
 
-def _float32_norms(tensors: Sequence[Tensor], device: torch.device) -> list[Tensor]:
-    """The L2 norm of every tensor in float32 on ``device``: one ``torch._foreach_norm`` (no cast or copy of
-    float32 tensors; others are reduced in float32, so fp16/bf16 values cannot overflow it)."""
-    tensors = list(tensors)
-    if all(t.dtype == torch.float32 for t in tensors):
-        norms = torch._foreach_norm(tensors, 2)
-    else:
-        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-    return [n if n.device == device else n.to(device) for n in norms]
-
-
 def grad_norm_tensor(grads: Sequence[Tensor]) -> Tensor:
     """L2 norm of all ``grads`` together as a float32 0-d tensor on their device, without a host sync: one fused
     ``torch._foreach_norm`` over the tensors (computed in float32, so fp16/bf16 gradients cannot overflow it) and the
     norm of the stacked per-tensor norms, as ``torch.nn.utils.clip_grad_norm_`` does."""
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(_float32_norms(grads, grads[0].device)))
+    return total_norm(grads)
 
 
 def total_grad_norm(parameters: Iterable[Tensor]) -> float:
@@ -81,7 +69,7 @@ def _unit_norm_vector(mats: list[Tensor], vecs: list[Tensor], device: torch.devi
     parts = [_row_norms(t) for t in mats]
     parts = [t if t.device == device else t.to(device) for t in parts]
     if vecs:
-        parts.append(torch.stack(_float32_norms(vecs, device)))
+        parts.append(torch.stack(float32_norms(vecs, device)))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
@@ -497,6 +485,11 @@ class AdaptiveGradientClipping(_ClippingCallback):
                 plan.apply_(index)
         elif clipped:
             _apply_unit_factors_(params, factors)
+        grads = cast(list[Tensor], [p.grad for p in params])
+        if clipped:  # the norm after clipping, for a technique later in this step (computed only if it asks)
+            grad_norms.remember(trainer, grads, lambda: float(torch.linalg.vector_norm(unit_norms * factors)))
+        elif grad_norms.recall(trainer, grads) is None:
+            grad_norms.remember(trainer, grads, lambda: float(torch.linalg.vector_norm(unit_norms)))
         return clipped, unit_norms, (unit_norms, factors)
 
 
@@ -557,16 +550,20 @@ class AutoClip(_ClippingCallback):
 
     def _clip(self, trainer: Any, pl_module: Any, params: list[Tensor]) -> tuple[bool, float, float] | None:
         grads = cast(list[Tensor], [p.grad for p in params])  # the parameters with a gradient
-        norm = float(grad_norm_tensor(grads))  # the step's one host sync: the history needs the norm
+        norm = grad_norms.recall(trainer, grads)  # computed by NonFiniteGuard / AGC earlier in this step
+        if norm is None:
+            norm = float(grad_norm_tensor(grads))  # the step's one host sync: the history needs the norm
         if not math.isfinite(norm):
             return None
         self._window.append(norm)
         self.last_threshold = self._window.percentile(self.percentile)
         if self.steps < self.warmup_steps or norm <= self.last_threshold or norm == 0.0:
+            grad_norms.remember(trainer, grads, norm)
             return False, norm, norm
         factor = self.last_threshold / (norm + 1e-6)
         with torch.no_grad():
             torch._foreach_mul_(grads, factor)
+        grad_norms.remember(trainer, grads, norm * factor)
         return True, norm, norm * factor
 
     def _metrics(self) -> dict[str, float]:

@@ -15,8 +15,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_techniques._internal import compat
+from lightning_techniques._internal import compat, grad_norms
 from lightning_techniques._internal.distributed import agree_any
+from lightning_techniques._internal.grad_norms import float32_norms
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_choice, check_positive
 
@@ -52,43 +53,24 @@ def gradient_finite_flags(grads: Sequence[Tensor]) -> Tensor:
     return torch.isfinite(torch.stack([n.to(device) for n in norms]))
 
 
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_ONES: dict[torch.device, Tensor] = {}
-
-
-def all_finite(grads: Sequence[Tensor]) -> Tensor:
-    """0-d bool tensor on the gradients' device: True when no gradient holds a NaN/Inf (True for no gradient).
-
-    Dense fp32/fp16/bf16 gradients are checked per device and dtype with the GradScaler's own fused kernel
-    (``torch._amp_foreach_non_finite_check_and_unscale_`` with a scale of exactly 1, which leaves every value as it
-    is): one dispatch for all tensors and no host sync. Other gradients (sparse, float64) use
-    :func:`gradient_finite_flags`."""
+def step_check(grads: Sequence[Tensor], losses: Sequence[Tensor] = ()) -> tuple[float, bool]:
+    """``(total L2 norm of grads, all losses finite)`` with one host sync: the float32 L2 norms of every gradient
+    and of the losses in one fused ``torch._foreach_norm`` (see
+    :func:`~lightning_techniques._internal.grad_norms.float32_norms`), the total the norm of the per-tensor norms.
+    The total is NaN/Inf when a gradient holds a NaN/Inf or is so large that its float32 L2 norm overflows (in
+    practice a diverged step); a loss counts as non-finite the same way."""
+    tensors = list(grads)
+    if losses:
+        tensors.append(torch.cat([t.reshape(-1) for t in losses]) if len(losses) > 1 else losses[0].reshape(-1))
+    if not tensors:
+        return 0.0, True
+    norms = float32_norms(tensors, tensors[0].device)
+    if not losses:
+        return float(torch.linalg.vector_norm(torch.stack(norms))), True
     if not grads:
-        return torch.ones((), dtype=torch.bool)
-    device = grads[0].device
-    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-    others: list[Tensor] = []
-    for g in grads:
-        if g.is_sparse or g.dtype not in _FUSED_DTYPES:
-            others.append(g.coalesce().values() if g.is_sparse else g)
-        else:
-            groups.setdefault((g.device, g.dtype), []).append(g)
-    ok: Tensor | None = None
-    for (group_device, _), group in groups.items():
-        ones = _ONES.get(group_device)
-        if ones is None:
-            ones = _ONES[group_device] = torch.ones(1, device=group_device)
-        found = torch.zeros((), device=group_device)
-        torch._amp_foreach_non_finite_check_and_unscale_(group, found, ones)
-        flag = found == 0
-        if group_device != device:
-            flag = flag.to(device)
-        ok = flag if ok is None else ok & flag
-    if others:
-        flag = gradient_finite_flags(others).all()
-        ok = flag if ok is None else ok & flag
-    assert ok is not None
-    return ok
+        return 0.0, math.isfinite(float(norms[-1]))
+    total, loss_norm = torch.stack([torch.linalg.vector_norm(torch.stack(norms[:-1])), norms[-1]]).tolist()
+    return total, math.isfinite(loss_norm)
 
 
 def drop_gradients_(parameters: Iterable[Tensor]) -> None:
@@ -113,8 +95,12 @@ class NonFiniteGuard(Callback):
     skips batches around loss spikes; the GradScaler's skip-on-overflow, Micikevicius et al., "Mixed Precision
     Training", 2018) applied in any precision; Lightning declined it upstream (#4956).
 
-    Cost: the gradients are checked with one fused max-abs norm over all tensors and the loss check stays on the
-    device, so a step needs one host sync (the skip decision), as ``torch.nn.utils.clip_grad_norm_`` would.
+    The check is the total L2 norm of the gradients (float32, one fused ``torch._foreach_norm`` that also takes the
+    losses) and one host sync, as ``torch.nn.utils.clip_grad_norm_(..., error_if_nonfinite=True)`` does: a step is
+    skipped when a gradient holds a NaN/Inf or is so large that its norm overflows float32 - the same test
+    :class:`AutoClip` and :class:`AdaptiveGradientClipping` apply, so a step they cannot clip is always skipped. The
+    norm of a kept step is handed on to them (they do not read the gradients for it again in that step; see
+    ``lightning_techniques/_internal/grad_norms.py``).
 
     Logged (``pl_module.log``, at the Trainer's ``log_every_n_steps`` cadence and on the run's last step):
     ``nonfinite_guard/skipped`` (1 on a skipped step) and ``nonfinite_guard/skipped_total``. State kept in
@@ -177,11 +163,12 @@ class NonFiniteGuard(Callback):
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         params = optimizer_parameters(optimizer)
-        checked = [p.grad for p in params if p.grad is not None]
-        if self._losses:  # a new tensor (the fused check rewrites what it checks, multiplying by exactly 1)
-            checked.append(torch.cat(self._losses) if len(self._losses) > 1 else self._losses[0].clone())
+        grads = [p.grad for p in params if p.grad is not None]
+        total, loss_finite = step_check(grads, self._losses)  # the step's one host sync
         self._losses = []
-        bad = agree_any(trainer.strategy, not bool(all_finite(checked)))  # the step's one host sync
+        bad = agree_any(trainer.strategy, not (math.isfinite(total) and loss_finite))
+        if not bad and grads:
+            grad_norms.remember(trainer, grads, total)  # AutoClip / AGC later in this step reuse it
         if bad:
             drop_gradients_(params)
             self.skipped_total += 1

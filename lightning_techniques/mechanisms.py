@@ -14,6 +14,8 @@ guarantees - undone when the run ends *or fails*, correct under DDP and AMP, exa
 ``check_conflicts``        the setup-time check of ``takes_over`` / ``conflicts_with`` (vocabulary: ``MECHANISMS``)
 ``interpolate``            the schedule core (``progress`` in [0, 1] and a shape: linear, cosine, exponential ...)
 ``log_step_metrics``       per-step scalars at the Trainer's ``log_every_n_steps`` cadence
+``recall_grad_norm``       the step's total gradient norm from an earlier technique (``remember_grad_norm``; norms in
+                           float32 of any dtype: ``float32_norms``) - valid for the same, unchanged tensors only
 ``MethodPatch``            a reversible wrapper layer on one instance method (one stack per method, any order)
 =========================  ==========================================================================================
 
@@ -39,7 +41,11 @@ from __future__ import annotations
 
 from lightning_techniques._internal import *  # noqa: F401,F403
 from lightning_techniques._internal import __all__ as _internal_all
+from lightning_techniques._internal.grad_norms import float32_norms  # noqa: F401 (re-exported)
+from lightning_techniques._internal.grad_norms import recall as recall_grad_norm  # noqa: F401 (re-exported)
+from lightning_techniques._internal.grad_norms import remember as remember_grad_norm  # noqa: F401 (re-exported)
 from lightning_techniques._internal.schedule import SHAPES, interpolate, progress  # noqa: F401 (re-exported)
 from lightning_techniques._internal.step_logging import log_step_metrics, should_log_step  # noqa: F401 (re-exported)
 
-__all__ = sorted({*_internal_all, "SHAPES", "interpolate", "progress", "log_step_metrics", "should_log_step"})
+__all__ = sorted({*_internal_all, "SHAPES", "interpolate", "progress", "log_step_metrics", "should_log_step",
+                  "float32_norms", "recall_grad_norm", "remember_grad_norm"})

@@ -22,6 +22,7 @@ Only weak references to the gradients are kept, so nothing here holds memory acr
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -63,6 +64,27 @@ def total_norm(grads: Sequence[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(float32_norms(grads, grads[0].device)))
 
 
+def host_norms(tensors: Sequence[Tensor]) -> list[float]:
+    """The float32 L2 norm of every tensor (:func:`float32_norms`), read on the host with one sync (``[]`` for none).
+
+    Three dispatches whatever the number of tensors (one fused norm, a stack, the read): fewer than norming on the
+    device and reading the total (on small models each dispatch is a measurable share of a step). Combine them with
+    :func:`combined_norm`."""
+    if not tensors:
+        return []
+    try:  # dense float32/float16/bfloat16 tensors on one device: no per-tensor Python work
+        stacked = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    except (RuntimeError, NotImplementedError):  # float64, sparse, or several devices
+        stacked = torch.stack(float32_norms(tensors, tensors[0].device))
+    return stacked.tolist()
+
+
+def combined_norm(norms: Sequence[float]) -> float:
+    """The L2 norm of tensors from their norms: ``sqrt(sum(n ** 2))`` in double precision without overflow
+    (``math.hypot``); NaN or Inf when one of them is."""
+    return math.hypot(*norms)
+
+
 # ------------------------------------------------------------------------------------------ the step's shared norm
 class _Remembered:
     __slots__ = ("key", "grads", "total")
@@ -75,6 +97,18 @@ class _Remembered:
 
 
 _last: _Remembered | None = None
+
+
+def peers(trainer: Any, technique: Any) -> tuple[bool, bool]:
+    """``(recall, remember)`` for ``technique`` among ``trainer.callbacks`` (in the order Lightning calls them):
+    whether a callback before it remembers the step's norm (class attribute ``remembers_grad_norm = True``), so
+    that looking it up can pay off, and whether one after it recalls it (``recalls_grad_norm = True``), so that
+    remembering it can. Both cost a little per step; a technique does neither when it would be for nothing."""
+    callbacks = list(getattr(trainer, "callbacks", ()))
+    index = next((i for i, cb in enumerate(callbacks) if cb is technique), len(callbacks))
+    recall = any(getattr(cb, "remembers_grad_norm", False) for cb in callbacks[:index])
+    remember = any(getattr(cb, "recalls_grad_norm", False) for cb in callbacks[index + 1:])
+    return recall, remember
 
 
 def step_key(trainer: Any) -> tuple[int, int, int]:

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from lightning_techniques._internal import compat, grad_norms
-from lightning_techniques._internal.grad_norms import float32_norms, total_norm
+from lightning_techniques._internal.grad_norms import combined_norm, float32_norms, host_norms, total_norm
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_number, check_positive
 
@@ -41,8 +41,7 @@ def grad_norm_tensor(grads: Sequence[Tensor]) -> Tensor:
 
 def total_grad_norm(parameters: Iterable[Tensor]) -> float:
     """L2 norm of all gradients together (parameters without ``.grad`` are ignored; 0.0 when none has one)."""
-    grads = _grads(parameters)
-    return float(grad_norm_tensor(grads)) if grads else 0.0
+    return combined_norm(host_norms(_grads(parameters)))
 
 
 def unitwise_norm(x: Tensor) -> Tensor:
@@ -291,6 +290,7 @@ class _ClippingCallback(Callback):
 
     takes_over: frozenset[str] = frozenset({"gradients"})  # see lightning_techniques/_internal/conflicts.py
     conflicts_with: tuple[str, ...] = ()
+    remembers_grad_norm = True  # the step's total gradient norm: lightning_techniques/_internal/grad_norms.py
 
     _prefix = "clip"
 
@@ -302,6 +302,8 @@ class _ClippingCallback(Callback):
         self._norm_before: float | Tensor = 0.0  # or the unit norms: computed when read
         self._norm_after: float | tuple[Tensor, Tensor] = 0.0  # or (unit norms, factors): computed when read
         self._param_cache: tuple[weakref.ref[Any], list[Tensor]] | None = None
+        # whether a technique before / after this one shares the step's gradient norm (set in setup)
+        self._recall_norm = self._remember_norm = False
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if compat.is_fsdp(trainer.strategy) or compat.is_deepspeed(trainer.strategy):
@@ -311,6 +313,7 @@ class _ClippingCallback(Callback):
             )
         self._check_module(pl_module)
         self._param_cache = None
+        self._recall_norm, self._remember_norm = grad_norms.peers(trainer, self)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._param_cache = None  # re-select once per epoch (a technique may freeze or add parameters)
@@ -485,11 +488,12 @@ class AdaptiveGradientClipping(_ClippingCallback):
                 plan.apply_(index)
         elif clipped:
             _apply_unit_factors_(params, factors)
-        grads = cast(list[Tensor], [p.grad for p in params])
-        if clipped:  # the norm after clipping, for a technique later in this step (computed only if it asks)
-            grad_norms.remember(trainer, grads, lambda: float(torch.linalg.vector_norm(unit_norms * factors)))
-        elif grad_norms.recall(trainer, grads) is None:
-            grad_norms.remember(trainer, grads, lambda: float(torch.linalg.vector_norm(unit_norms)))
+        # for AutoClip later in this step, computed only if it asks: the norm after clipping, or before it when
+        # nothing changed and no technique before this one remembered it already
+        if self._remember_norm and (clipped or not self._recall_norm):
+            grads = cast(list[Tensor], [p.grad for p in params])
+            kept = unit_norms * factors if clipped else unit_norms
+            grad_norms.remember(trainer, grads, lambda: float(torch.linalg.vector_norm(kept)))
         return clipped, unit_norms, (unit_norms, factors)
 
 
@@ -510,7 +514,9 @@ class AutoClip(_ClippingCallback):
     Runs in ``on_before_optimizer_step`` on unscaled (``16-mixed``), accumulated and, under DDP, all-reduced
     gradients (identical history on every rank). Logs ``autoclip/grad_norm_before``, ``autoclip/grad_norm_after``,
     ``autoclip/clip_fraction`` and ``autoclip/threshold`` at the Trainer's ``log_every_n_steps`` cadence (and on the
-    run's last step). One host sync per optimizer step (the total norm, which the history needs).
+    run's last step). One host sync per optimizer step (the per-tensor norms, read together, which the history
+    needs) - none when a :class:`NonFiniteGuard` or :class:`AdaptiveGradientClipping` before it in ``callbacks``
+    computed the step's norm already: AutoClip then uses theirs (of the gradients as they are when it runs).
 
     Args:
         percentile: p in [0, 100] (paper: 10 works well for audio source separation).
@@ -528,6 +534,7 @@ class AutoClip(_ClippingCallback):
     """
 
     _prefix = "autoclip"
+    recalls_grad_norm = True  # uses the step's norm from NonFiniteGuard / AGC before it (no second pass)
 
     def __init__(
         self, percentile: float = 10.0, history_size: int | None = 10_000, warmup_steps: int = 0, log: bool = True
@@ -550,20 +557,23 @@ class AutoClip(_ClippingCallback):
 
     def _clip(self, trainer: Any, pl_module: Any, params: list[Tensor]) -> tuple[bool, float, float] | None:
         grads = cast(list[Tensor], [p.grad for p in params])  # the parameters with a gradient
-        norm = grad_norms.recall(trainer, grads)  # computed by NonFiniteGuard / AGC earlier in this step
-        if norm is None:
-            norm = float(grad_norm_tensor(grads))  # the step's one host sync: the history needs the norm
+        norm = grad_norms.recall(trainer, grads) if self._recall_norm else None  # by NonFiniteGuard / AGC, earlier
+        fresh = norm is None
+        if norm is None:  # the step's one host sync: the history needs the norm
+            norm = combined_norm(host_norms(grads))
         if not math.isfinite(norm):
             return None
         self._window.append(norm)
         self.last_threshold = self._window.percentile(self.percentile)
         if self.steps < self.warmup_steps or norm <= self.last_threshold or norm == 0.0:
-            grad_norms.remember(trainer, grads, norm)
+            if self._remember_norm and fresh:  # (a recalled norm stays valid: nothing changed)
+                grad_norms.remember(trainer, grads, norm)
             return False, norm, norm
         factor = self.last_threshold / (norm + 1e-6)
         with torch.no_grad():
             torch._foreach_mul_(grads, factor)
-        grad_norms.remember(trainer, grads, norm * factor)
+        if self._remember_norm:
+            grad_norms.remember(trainer, grads, norm * factor)
         return True, norm, norm * factor
 
     def _metrics(self) -> dict[str, float]:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lightning_techniques._internal import compat, grad_norms
 from lightning_techniques._internal.distributed import agree_any
-from lightning_techniques._internal.grad_norms import float32_norms
+from lightning_techniques._internal.grad_norms import combined_norm, host_norms
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_choice, check_positive
 
@@ -54,23 +54,14 @@ def gradient_finite_flags(grads: Sequence[Tensor]) -> Tensor:
 
 
 def step_check(grads: Sequence[Tensor], losses: Sequence[Tensor] = ()) -> tuple[float, bool]:
-    """``(total L2 norm of grads, all losses finite)`` with one host sync: the float32 L2 norms of every gradient
-    and of the losses in one fused ``torch._foreach_norm`` (see
-    :func:`~lightning_techniques._internal.grad_norms.float32_norms`), the total the norm of the per-tensor norms.
-    The total is NaN/Inf when a gradient holds a NaN/Inf or is so large that its float32 L2 norm overflows (in
-    practice a diverged step); a loss counts as non-finite the same way."""
-    tensors = list(grads)
-    if losses:
-        tensors.append(torch.cat([t.reshape(-1) for t in losses]) if len(losses) > 1 else losses[0].reshape(-1))
-    if not tensors:
-        return 0.0, True
-    norms = float32_norms(tensors, tensors[0].device)
-    if not losses:
-        return float(torch.linalg.vector_norm(torch.stack(norms))), True
-    if not grads:
-        return 0.0, math.isfinite(float(norms[-1]))
-    total, loss_norm = torch.stack([torch.linalg.vector_norm(torch.stack(norms[:-1])), norms[-1]]).tolist()
-    return total, math.isfinite(loss_norm)
+    """``(total L2 norm of grads, all losses finite)`` with one host sync: the float32 L2 norm of every gradient and
+    of every loss in one fused ``torch._foreach_norm`` read on the host
+    (:func:`~lightning_techniques._internal.grad_norms.host_norms`), the total combined from them in double
+    precision. The total is NaN/Inf when a gradient holds a NaN/Inf, or is so large that its own float32 norm
+    overflows (in practice a diverged step); a loss counts as non-finite the same way."""
+    norms = host_norms([*grads, *losses])
+    n = len(grads)
+    return combined_norm(norms[:n]), all(math.isfinite(v) for v in norms[n:])
 
 
 def drop_gradients_(parameters: Iterable[Tensor]) -> None:
@@ -99,8 +90,8 @@ class NonFiniteGuard(Callback):
     losses) and one host sync, as ``torch.nn.utils.clip_grad_norm_(..., error_if_nonfinite=True)`` does: a step is
     skipped when a gradient holds a NaN/Inf or is so large that its norm overflows float32 - the same test
     :class:`AutoClip` and :class:`AdaptiveGradientClipping` apply, so a step they cannot clip is always skipped. The
-    norm of a kept step is handed on to them (they do not read the gradients for it again in that step; see
-    ``lightning_techniques/_internal/grad_norms.py``).
+    norm of a kept step is handed on to an :class:`AutoClip` after it, which then does not read the gradients for it
+    again (see ``lightning_techniques/_internal/grad_norms.py``).
 
     Logged (``pl_module.log``, at the Trainer's ``log_every_n_steps`` cadence and on the run's last step):
     ``nonfinite_guard/skipped`` (1 on a skipped step) and ``nonfinite_guard/skipped_total``. State kept in
@@ -120,12 +111,14 @@ class NonFiniteGuard(Callback):
 
     Limits: refuses DeepSpeed (its engine owns the step). Under ``16-mixed`` the scaler's own overflow skips while it
     calibrates its scale are also counted (they are non-finite steps): keep ``max_consecutive_skips`` above the
-    handful the scaler needs. Put it before clipping callbacks in ``callbacks`` so they never see a skipped step.
+    handful the scaler needs. Put it before clipping callbacks in ``callbacks`` so they never see a skipped step
+    (and :class:`AutoClip` after it reuses its norm).
     Optimizers that step parameters without a gradient (rare custom ones) are not protected.
     """
 
     takes_over: frozenset[str] = frozenset({"optimizer_step", "gradients"})  # see lightning_techniques/_internal/conflicts.py
     conflicts_with: tuple[str, ...] = ()
+    remembers_grad_norm = True  # the step's total gradient norm: lightning_techniques/_internal/grad_norms.py
 
     def __init__(
         self,
@@ -146,8 +139,10 @@ class NonFiniteGuard(Callback):
         self.consecutive_skips = 0
         self.skipped_steps: list[int] = []  # global steps of the last MAX_RECORDED_STEPS skips
         self._losses: list[Tensor] = []  # the micro-batch losses since the last step, checked with the gradients
+        self._share_norm = False  # a clipping technique of the run reuses the step's norm (set in setup)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._share_norm = grad_norms.peers(trainer, self)[1]
         if compat.is_deepspeed(trainer.strategy):
             raise ValueError(
                 f"NonFiniteGuard does not support {type(trainer.strategy).__name__}: the DeepSpeed engine owns the "
@@ -159,7 +154,7 @@ class NonFiniteGuard(Callback):
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
         if self.check_loss:  # kept on the device and checked together with the gradients: one sync per step
-            self._losses.append(loss.detach().reshape(-1))
+            self._losses.append(loss.detach())
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         params = optimizer_parameters(optimizer)
@@ -167,7 +162,7 @@ class NonFiniteGuard(Callback):
         total, loss_finite = step_check(grads, self._losses)  # the step's one host sync
         self._losses = []
         bad = agree_any(trainer.strategy, not (math.isfinite(total) and loss_finite))
-        if not bad and grads:
+        if not bad and grads and self._share_norm:
             grad_norms.remember(trainer, grads, total)  # AutoClip / AGC later in this step reuse it
         if bad:
             drop_gradients_(params)

@@ -73,7 +73,7 @@ def host_norms(tensors: Sequence[Tensor]) -> list[float]:
     if not tensors:
         return []
     try:  # dense float32/float16/bfloat16 tensors on one device: no per-tensor Python work
-        stacked = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+        stacked = torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32))
     except (RuntimeError, NotImplementedError):  # float64, sparse, or several devices
         stacked = torch.stack(float32_norms(tensors, tensors[0].device))
     return stacked.tolist()

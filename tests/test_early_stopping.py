@@ -295,3 +295,14 @@ def test_sharded_strategy_is_refused_as_misconfiguration() -> None:
     with pytest.raises(MisconfigurationException, match="does not support UserFSDP"):
         EarlyStopping().setup(trainer, None, "fit")
     EarlyStopping(restore_best_weights=False).setup(trainer, None, "fit")  # without weights it is fine
+
+
+def test_state_key_is_lightnings_and_follows_a_changed_monitor_or_mode() -> None:
+    # formatted once per (monitor, mode), as Lightning reads it for every hook of every step
+    from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
+
+    ours = EarlyStopping(monitor="val_loss", mode="min")
+    assert ours.state_key == LightningEarlyStopping(monitor="val_loss", mode="min").state_key
+    assert ours.state_key is ours.state_key  # the same string object: not formatted again
+    ours.monitor, ours.mode = "val_acc", "max"
+    assert ours.state_key == LightningEarlyStopping(monitor="val_acc", mode="max").state_key

@@ -155,7 +155,8 @@ class _AGCPlan:
         return all(p.dtype == torch.float32 and p.device == device for p in params)
 
     def matches(self, params: list[Tensor]) -> bool:
-        return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+        return params is self.params or (
+            len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params)))
 
     @torch.no_grad()
     def factors(self, clipping: float, eps: float) -> tuple[Tensor, Tensor, int]:
@@ -372,7 +373,10 @@ class _ClippingCallback(Callback):
         return cache[1]
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        params = [p for p in self._selected_params(pl_module) if p.grad is not None]
+        selected = self._selected_params(pl_module)
+        params = [p for p in selected if p.grad is not None]
+        if len(params) == len(selected):
+            params = selected  # the same list every step: a plan built for it recognises it by identity
         if not params:
             return  # e.g. a step skipped by NonFiniteGuard
         result = self._clip(trainer, pl_module, params)

@@ -203,6 +203,17 @@ class EarlyStopping(_LightningEarlyStopping):
         if self.best_weights_storage == "disk" and self.best_weights_dir is None:
             self.best_weights_dir = str(Path(trainer.default_root_dir) / "early_stopping")
 
+    @property
+    def state_key(self) -> str:
+        """Lightning's key (``EarlyStopping{'monitor': ..., 'mode': ...}``), formatted once per ``(monitor, mode)``:
+        Lightning reads it for every hook of every step (``_call_callback_hooks``), and formatting it each time costs
+        ~0.5 us per read."""
+        ident = (self.monitor, self.mode)
+        cached = self.__dict__.get("_state_key_cache")
+        if cached is None or cached[0] != ident:
+            cached = self.__dict__["_state_key_cache"] = (ident, super().state_key)
+        return cached[1]
+
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # best weights loaded from a checkpoint arrive on the CPU; "device" storage keeps them next to the model, in
         # the buffers every later improvement is copied into

@@ -79,6 +79,7 @@ class _FittedNormalization(BatchTransformCallback):
         self.stats: dict[str, torch.Tensor] | None = None  # float64, shaped like one input without the batch dim
         self.num_fits = 0  # fits done by this instance (runtime only, not checkpointed)
         self._module: nn.Module | None = None
+        self._module_device: torch.device | None = None  # where _module's buffers are
 
     # ------------------------------------------------------------------ to implement
     def _empty(self) -> dict[str, Any]:
@@ -195,15 +196,17 @@ class _FittedNormalization(BatchTransformCallback):
         if self._module is None:
             assert self.stats is not None
             self._module = self._make_module(self.stats)
+            self._module_device = next(iter(self._module.buffers())).device
         return self._module
 
     def _transform(self, batch: Any, stage: str) -> Any:
         self._require_fitted()
         x = get_inputs(batch, self.input_key)
-        module = self._get_module()
-        if next(iter(module.buffers())).device != x.device:
+        module = self._module if self._module is not None else self._get_module()
+        if self._module_device != x.device:  # (kept beside the module: no walk over its buffers per batch)
             module.to(x.device)
-        return set_inputs(batch, module(x), self.input_key)
+            self._module_device = x.device
+        return set_inputs(batch, module.forward(x), self.input_key)  # our own module: no hooks to run
 
     def _training_batches(self, trainer: Any) -> Iterator[Any]:
         """One pass over the training split: this rank's shard of a map-style dataset, in order, or the train loader

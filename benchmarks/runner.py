@@ -88,6 +88,32 @@ def side_by_side(variants: Mapping[str, Callable[[], Any]], repeats: int = 5) ->
     return results
 
 
+def paired_with_baseline(variants: Mapping[str, Callable[[], Any]], baseline: str,
+                         repeats: int = 5) -> dict[str, list[tuple[Any, Any]]]:
+    """Call every variant but ``baseline`` ``repeats`` times, each call right next to a call of ``baseline`` (its
+    pair: baseline first in even rounds, second in odd ones), the variants' order rotated each round; a garbage
+    collection precedes every call. A slow phase of a shared machine (a neighbour, a frequency change) lasting
+    longer than one pair then slows both members of a pair alike, so the ratio within a pair is what the variant
+    costs; the median over rounds discards the pairs a shorter disturbance hit. Returns
+    ``{name: [(variant result, its baseline result)]}``, the baseline itself paired with its own calls."""
+    import gc
+
+    names = [name for name in variants if name != baseline]
+    results: dict[str, list[tuple[Any, Any]]] = {name: [] for name in names}
+    results[baseline] = []
+    for round_index in range(repeats):
+        shift = round_index % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            calls = [baseline, name] if round_index % 2 == 0 else [name, baseline]
+            done = {}
+            for call in calls:
+                gc.collect()
+                done[call] = variants[call]()
+            results[name].append((done[name], done[baseline]))
+            results[baseline].append((done[baseline], done[baseline]))
+    return results
+
+
 def median(values: list[float]) -> float:
     return float(statistics.median(values))
 

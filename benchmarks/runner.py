@@ -99,8 +99,7 @@ def paired_with_baseline(variants: Mapping[str, Callable[[], Any]], baseline: st
     import gc
 
     names = [name for name in variants if name != baseline]
-    results: dict[str, list[tuple[Any, Any]]] = {name: [] for name in names}
-    results[baseline] = []
+    results: dict[str, list[tuple[Any, Any]]] = {name: [] for name in variants}  # the variants' order, baseline too
     for round_index in range(repeats):
         shift = round_index % len(names) if names else 0
         for name in names[shift:] + names[:shift]:

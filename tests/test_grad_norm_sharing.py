@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_techniques import AdaptiveGradientClipping, AutoClip, NonFiniteGuard
 from lightning_techniques._internal import grad_norms
@@ -165,3 +166,67 @@ def test_autoclip_and_guard_on_a_model_in_another_dtype(dtype: torch.dtype, trai
         model, datamodule=DigitsDataModule(batch_size=32))
     assert auto.steps == 4
     assert auto.history == pytest.approx(probe.norms, rel=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _count_host_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    reads: list[str] = []
+    for name in ("tolist", "item", "__float__", "__bool__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self: torch.Tensor, *args: Any, _original: Any = original, _name: str = name) -> Any:
+            reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+@pytest.mark.parametrize("depth", [2, 20])
+def test_per_step_work_is_fused_and_reads_the_host_once(depth: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # deterministic counterpart of benchmarks/overhead.py: torch dispatches and host reads per optimizer step
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(depth)])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard, auto, agc = NonFiniteGuard(), AutoClip(percentile=0), AdaptiveGradientClipping(clipping=1e-4)
+    trainer = SimpleNamespace(strategy=None, global_step=0, callbacks=[guard, auto, agc])
+    for callback in (guard, auto, agc):
+        callback.setup(trainer, model, "fit")
+    alone = AutoClip(percentile=0)
+    alone.setup(SimpleNamespace(strategy=None, global_step=0, callbacks=[alone]), model, "fit")
+    reads = _count_host_reads(monkeypatch)
+    counts: dict[str, tuple[list[str], list[str]]] = {}
+    for step in range(2):  # the second step: AutoClip clips (percentile 0: the smallest norm so far)
+        trainer.global_step = step
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * (step + 1)
+        guard.on_before_backward(trainer, model, torch.tensor(1.0))
+        for name, callback in (("guard", guard), ("autoclip", auto), ("agc", agc)):
+            del reads[:]
+            with _CountOps() as mode:
+                callback.on_before_optimizer_step(trainer, model, optimizer)
+            counts[name] = (list(mode.ops), list(reads))
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * (step + 1)
+        del reads[:]
+        with _CountOps() as mode:
+            alone.on_before_optimizer_step(SimpleNamespace(strategy=None, global_step=step), model, optimizer)
+        counts["autoclip alone"] = (list(mode.ops), list(reads))
+    matrices = depth  # one weight matrix per layer
+    assert counts["guard"] == (["aten._foreach_norm.Scalar", "aten.stack.default"], ["tolist"])
+    assert counts["autoclip"] == (["aten._foreach_mul_.Scalar"], [])  # the guard's norm: no pass, no read
+    assert counts["autoclip alone"] == (
+        ["aten._foreach_norm.Scalar", "aten.stack.default", "aten._foreach_mul_.Scalar"], ["tolist"])
+    agc_ops, agc_reads = counts["agc"]
+    assert agc_reads == ["__float__"]  # the smallest factor
+    assert sum(op.startswith("aten.linalg_vector_norm") for op in agc_ops) == 2 * matrices  # weights and gradients
+    assert len(agc_ops) - 2 * matrices <= 10  # the rest does not grow with the model

@@ -41,6 +41,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.runner import markdown_table, paired_with_baseline, quiet_trainer, record
 from lightning_techniques import (
@@ -141,6 +142,101 @@ class CPUStepTimer(Callback):
             self.hooks.append(self._in_hooks)
         self._in_hooks = 0.0
         self._last = now
+
+
+HOST_READS = ("tolist", "item", "__float__", "__bool__", "__int__")  # the Tensor methods that read values on the host
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self, counter: WorkCounter) -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.counter.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+class WorkCounter(Callback):
+    """Torch dispatches (aten ops, counted by a ``TorchDispatchMode``) and host reads (``tolist`` / ``item`` /
+    ``float`` / ``bool`` / ``int`` of a tensor) inside the techniques' own per-step hooks and batch transforms, per
+    training step: deterministic, the same on a busy machine as on an idle one (a fused op counts once)."""
+
+    def __init__(self) -> None:
+        self.ops = 0
+        self.reads = 0
+        self.per_step: list[tuple[int, int]] = []
+        self._active = 0
+
+    def instrument(self, callback: Callback) -> Callback:
+        for name in STEP_HOOKS:
+            method = getattr(callback, name, None)
+            if method is None or getattr(type(callback), name, None) is getattr(Callback, name, None):
+                continue
+
+            def counted(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+                self._active += 1
+                try:
+                    with _CountOps(self):
+                        return _method(*args, **kwargs)
+                finally:
+                    self._active -= 1
+
+            setattr(callback, name, counted)
+        return callback
+
+    def patch_host_reads(self) -> list[tuple[str, Any]]:
+        """Count the host reads made while a hook runs; returns what to put back (``restore_host_reads``)."""
+        originals = [(name, getattr(torch.Tensor, name)) for name in HOST_READS]
+        for name, original in originals:
+            def read(tensor: torch.Tensor, *args: Any, _original: Any = original) -> Any:
+                if self._active:
+                    self.reads += 1
+                return _original(tensor, *args)
+
+            setattr(torch.Tensor, name, read)
+        return originals
+
+    @staticmethod
+    def restore_host_reads(originals: list[tuple[str, Any]]) -> None:
+        for name, original in originals:
+            setattr(torch.Tensor, name, original)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.per_step.append((self.ops, self.reads))
+        self.ops = self.reads = 0
+
+
+def count_work(make_model: Callable[[], L.LightningModule], makers: list[Callable[[Any], Callback]],
+               epochs: int = 1) -> tuple[float, float]:
+    """Median aten ops and host reads per training step in the techniques' own hooks (one fit)."""
+    L.seed_everything(0, verbose=False)
+    counter = WorkCounter()
+    model = make_model()
+    callbacks = [counter.instrument(m(model)) for m in makers]
+    originals = counter.patch_host_reads()
+    try:
+        quiet_trainer(max_epochs=epochs, limit_val_batches=2, callbacks=[counter] + callbacks).fit(
+            model, datamodule=DigitsDataModule(batch_size=64))
+    finally:
+        counter.restore_host_reads(originals)
+    steps = counter.per_step[1:]  # the first batch: one-off work (LSUV, fitting statistics)
+    return statistics.median(o for o, _ in steps), statistics.median(r for _, r in steps)
+
+
+def work_rows() -> list[dict[str, Any]]:
+    rows = []
+    for name, makers in variants().items():
+        if not any(name.startswith(p) for p in ("+ ", "all ", "reference")):
+            continue
+        row: dict[str, Any] = {"variant": name}
+        for model_name, make_model in MODELS.items():
+            ops, reads = count_work(make_model, makers)
+            short = model_name.split(" (")[0]
+            row[f"{short}: aten ops / step"] = ops
+            row[f"{short}: host reads / step"] = reads
+        rows.append(row)
+    return rows
 
 
 class NoOpCallback(Callback):
@@ -280,6 +376,7 @@ def main() -> None:
         steps[model_name] = int(statistics.median(r["steps"] for r, _ in results["bare Trainer"]))
         rows.extend(step_table(model_name, results))
     micro = autoclip_rows()
+    work = work_rows()
     load_after = os.getloadavg()
     cpu_total, wall_total = time.process_time() - cpu_start, time.perf_counter() - wall_start
     stacked = f"all {len(STACKED)} stacked"
@@ -322,7 +419,13 @@ def main() -> None:
         "weighted loss).\n\n"
         + markdown_table(rows)
         + "\n\nVerdict: " + "; ".join(verdict) + ".\n\n"
-        "AutoClip per-step cost against the length of the run so far (main-thread CPU time per call; the core is "
+        "The work itself, counted instead of timed (deterministic, unaffected by the machine's load): torch "
+        "dispatches (aten ops; a fused op counts once) and host reads (`tolist` / `item` / `float` / `bool` / `int` "
+        "of a tensor: a device sync on a GPU) inside the techniques' own per-step hooks and batch transforms, median "
+        "per training step of a 1-epoch fit. Work Lightning does for them outside their hooks (a scheduler's step, a "
+        "sampler, a weighted loss) is not in it.\n\n"
+        + markdown_table(work)
+        + "\n\nAutoClip per-step cost against the length of the run so far (main-thread CPU time per call; the core is "
         "adding one norm and reading the 10th percentile):\n\n"
         + markdown_table(micro)
     )

@@ -139,10 +139,10 @@ class NonFiniteGuard(Callback):
         self.consecutive_skips = 0
         self.skipped_steps: list[int] = []  # global steps of the last MAX_RECORDED_STEPS skips
         self._losses: list[Tensor] = []  # the micro-batch losses since the last step, checked with the gradients
-        self._share_norm = False  # a clipping technique of the run reuses the step's norm (set in setup)
+        self._remember_norm = False  # an AutoClip after it reuses the step's norm (set in setup)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._share_norm = grad_norms.peers(trainer, self)[1]
+        self._remember_norm = grad_norms.peers(trainer, self)[1]
         if compat.is_deepspeed(trainer.strategy):
             raise ValueError(
                 f"NonFiniteGuard does not support {type(trainer.strategy).__name__}: the DeepSpeed engine owns the "
@@ -162,7 +162,7 @@ class NonFiniteGuard(Callback):
         total, loss_finite = step_check(grads, self._losses)  # the step's one host sync
         self._losses = []
         bad = agree_any(trainer.strategy, not (math.isfinite(total) and loss_finite))
-        if not bad and grads and self._share_norm:
+        if not bad and grads and self._remember_norm:
             grad_norms.remember(trainer, grads, total)  # AutoClip / AGC later in this step reuse it
         if bad:
             drop_gradients_(params)

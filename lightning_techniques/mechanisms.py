@@ -17,14 +17,15 @@ guarantees - undone when the run ends *or fails*, correct under DDP and AMP, exa
 ``recall_grad_norm``       the step's total gradient norm from an earlier technique (``remember_grad_norm``; norms in
                            float32 of any dtype: ``float32_norms``) - valid for the same, unchanged tensors only
 ``MethodPatch``            a reversible wrapper layer on one instance method (one stack per method, any order)
+``LeanHooks``              mixin (first base): Lightning skips the per-batch hooks the class does not implement
 =========================  ==========================================================================================
 
 Example - a technique that adds ``0.01 * ||w||^2`` to the loss, and nothing else to remember::
 
     from lightning.pytorch.callbacks import Callback
-    from lightning_techniques.mechanisms import add_loss_term, check_conflicts
+    from lightning_techniques.mechanisms import LeanHooks, add_loss_term, check_conflicts
 
-    class TinyL2(Callback):
+    class TinyL2(LeanHooks, Callback):
         takes_over = frozenset({"loss_term"})
         conflicts_with = ()
 

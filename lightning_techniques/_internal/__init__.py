@@ -15,6 +15,8 @@
   ends or fails even if the technique forgets (one clean-up callback per Trainer, ``MechanismCleanup``).
 * :mod:`.conflicts` - ``takes_over`` / ``conflicts_with`` declarations and the one setup-time conflict check.
 * :mod:`.compat` - every use of Lightning's private API, in one place.
+* :mod:`.lean_hooks` - ``LeanHooks``: the per-batch hooks a callback does not implement are skipped by Lightning's
+  dispatcher instead of being called as no-ops.
 """
 
 from lightning_techniques._internal.artifacts import ArtifactLogger, artifact_dir, atomic_torch_save, atomic_write_bytes
@@ -34,6 +36,7 @@ from lightning_techniques._internal.distributed import (
 )
 from lightning_techniques._internal.eval_grad import gradients_enabled, usable_tensor
 from lightning_techniques._internal.eval_stages import EvaluationCallback
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.loss_terms import add_loss_term, registered_loss_terms
 from lightning_techniques._internal.patching import MechanismCleanup, MethodPatch, undo_at_run_end
 from lightning_techniques._internal.sampling import (
@@ -50,6 +53,7 @@ __all__ = [
     "BatchTransformCallback",
     "CriterionHandle",
     "EvaluationCallback",
+    "LeanHooks",
     "MechanismCleanup",
     "MethodPatch",
     "SamplerSteering",

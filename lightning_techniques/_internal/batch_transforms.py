@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.patching import MethodPatch, undo_at_run_end
 
 #: ``fn(batch, stage) -> batch``
@@ -128,7 +129,7 @@ def add_batch_transform(
     return handle
 
 
-class BatchTransformCallback(Callback):
+class BatchTransformCallback(LeanHooks, Callback):
     """Base of techniques that transform the on-device batch (normalisation, noise, augmentation, MixUp/CutMix): it
     owns the transform's install and removal, so a technique states only *what* it does (``_transform``).
 

@@ -15,15 +15,31 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import CombinedLoader
 
-from lightning_techniques._internal.patching import MethodPatch
+if TYPE_CHECKING:  # (patching's MechanismCleanup imports lean_hooks, which imports this module)
+    from lightning_techniques._internal.patching import MethodPatch
 
 #: The Lightning versions this module was checked against (also the dependency range in ``pyproject.toml``).
 LIGHTNING_SUPPORTED = ">=2.5,<2.7"
+
+
+# ------------------------------------------------------------------------------------------- callback dispatch
+def _callback_dispatch_code() -> Any:
+    """The code object of Lightning's callback-hook dispatcher (``trainer.call._call_callback_hooks``) when it skips a
+    hook attribute that is not callable (``if callable(fn)``), else None (then no hook is ever hidden: see
+    ``lean_hooks.py``)."""
+    from lightning.pytorch.trainer import call
+
+    code = getattr(getattr(call, "_call_callback_hooks", None), "__code__", None)
+    return code if code is not None and "callable" in code.co_names else None
+
+
+#: Lightning's callback dispatcher, recognised by ``lean_hooks`` (None: it cannot skip a hook).
+CALLBACK_DISPATCH_CODE = _callback_dispatch_code()
 
 
 # --------------------------------------------------------------------------------------------------- strategies
@@ -184,6 +200,8 @@ def quiet_mid_epoch_resume_warning(trainer: Any, is_exact: Callable[[], bool]) -
                 return call_next(*args, **kwargs)
 
         return reset
+
+    from lightning_techniques._internal.patching import MethodPatch
 
     return MethodPatch(trainer.fit_loop.epoch_loop, "reset", make_wrapper)
 

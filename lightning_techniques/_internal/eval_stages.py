@@ -31,6 +31,8 @@ from lightning.pytorch.trainer import call
 from lightning.pytorch.trainer.states import RunningStage
 from lightning_utilities.core.apply_func import apply_to_collection
 
+from lightning_techniques._internal.lean_hooks import LeanHooks
+
 _RUNNING_STAGE = {
     "train": RunningStage.TRAINING,
     "validate": RunningStage.VALIDATING,
@@ -75,7 +77,7 @@ def fetch_samples(trainer: Any, dataset: Any, indices: Sequence[int], stage: str
     return raw, batch_as_seen(trainer, copy, stage, dataloader_idx)
 
 
-class EvaluationCallback(Callback):
+class EvaluationCallback(LeanHooks, Callback):
     """Base class: see the module docstring. Subclasses set ``self.every_n_val_epochs`` (0: never during fit)."""
 
     takes_over: frozenset[str] = frozenset({"eval_hooks"})  # see lightning_techniques/_internal/conflicts.py

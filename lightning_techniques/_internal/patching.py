@@ -29,6 +29,8 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
+from lightning_techniques._internal.lean_hooks import LeanHooks
+
 _MISSING = object()
 _STACK_ATTR = "__lt_patch_stack__"
 
@@ -126,7 +128,7 @@ def patch_layers(obj: Any, name: str) -> int:
     return len(stack.layers) if isinstance(stack, _PatchStack) and stack.obj is obj else 0
 
 
-class MechanismCleanup(Callback):
+class MechanismCleanup(LeanHooks, Callback):
     """The undo actions of everything the shared mechanisms installed for one Trainer's current run.
 
     Appended once to ``trainer.callbacks`` by :func:`undo_at_run_end`: on ``on_exception`` (a failed run: Lightning

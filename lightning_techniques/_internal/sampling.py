@@ -48,6 +48,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_techniques._internal.conflicts import check_conflicts
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.patching import undo_at_run_end
 
 #: ``plan(epoch) -> global order of dataset indices for that epoch``
@@ -245,7 +246,7 @@ class SamplerSteering:
         self._pending = None
 
 
-class SteeringCallback(Callback):
+class SteeringCallback(LeanHooks, Callback):
     """Base of a technique that steers the train sampler: it owns the steering's install (in ``setup``), its resume
     position (``sampler_state`` / ``load_sampler_state``, to put in the technique's checkpoint state) and its removal
     (``teardown`` and ``on_exception``), and refuses a second sampler-steering technique in ``setup``. A subclass

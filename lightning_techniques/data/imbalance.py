@@ -27,6 +27,7 @@ from lightning_techniques._internal.distributed import (
     all_reduce_sum,
     broadcast_object,
 )
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.sampling import SteeringCallback
 from lightning_techniques._internal.validation import check_choice, check_non_negative, check_number, check_positive
 from lightning_techniques.data.labels import class_counts, find_labels
@@ -196,7 +197,7 @@ def global_class_counts(strategy: Any, dataset: Dataset, world_size: int, rank: 
 
 
 # ----------------------------------------------------------------------------------------------- Lightning adapters
-class ClassWeightedLoss(Callback):
+class ClassWeightedLoss(LeanHooks, Callback):
     """Class-weighted loss for imbalanced data: computes class weights from the training labels and applies them
     to the module's criterion (``weight=`` of ``nn.CrossEntropyLoss`` / ``nn.NLLLoss``), or swaps in a weighted
     :class:`FocalLoss` (``focal_gamma``).

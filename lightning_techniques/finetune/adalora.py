@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_techniques._internal.conflicts import check_conflicts
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.loss_terms import add_loss_term
 from lightning_techniques._internal.optional import require
 from lightning_techniques._internal.step_logging import log_step_metrics, resolve_log_flag
@@ -77,7 +78,7 @@ def current_ranks(model: nn.Module, adapter: str = ADAPTER) -> dict[str, int]:
     return ranks
 
 
-class AdaLoRA(FinetuneSession, Callback):
+class AdaLoRA(LeanHooks, FinetuneSession, Callback):
     """AdaLoRA (Zhang et al. 2023): SVD-form LoRA adapters whose total rank budget shrinks from ``init_r`` to
     ``target_r`` per layer on average, pruning the least important singular values; through peft's ``AdaLoraModel``.
 

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_techniques._internal.conflicts import check_conflicts
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.validation import check_choice, check_non_negative, check_number, check_positive
 from lightning_techniques.finetune._trainable import FinetuneSession, check_targets, resolve_targets
 
@@ -166,7 +167,7 @@ def remove_adapters(model: nn.Module, paths: Sequence[str] | None = None) -> lis
     return removed
 
 
-class Adapters(FinetuneSession, Callback):
+class Adapters(LeanHooks, FinetuneSession, Callback):
     """Bottleneck adapters (Houlsby et al. 2019) inserted after chosen sublayers of the user's module; only the
     adapters (and the parameters of ``train_also``) train, and only they reach the optimizer.
 

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_techniques._internal.conflicts import check_conflicts
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
 from lightning_techniques.finetune._peft import (
     adapter_parameter_names,
@@ -155,7 +156,7 @@ def load_adapter(model: nn.Module, source: str | Path | Mapping[str, Any]) -> li
     return paths
 
 
-class LoRA(FinetuneSession, Callback):
+class LoRA(LeanHooks, FinetuneSession, Callback):
     """Low-rank adapters (LoRA, Hu et al. 2021) - or peft's DoRA, IA3, LoHa, LoKr - on chosen layers of the user's
     unmodified LightningModule; only the adapter weights train, and only they reach the optimizer.
 

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_techniques._internal.conflicts import check_conflicts
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.optional import require
 from lightning_techniques._internal.validation import check_choice, check_non_negative, check_number, check_positive
 from lightning_techniques.finetune._trainable import FinetuneSession, check_targets, resolve_targets
@@ -237,7 +238,7 @@ def _check_prefix_support(hf_model: nn.Module, kind: str) -> None:
     )
 
 
-class _PromptCallback(FinetuneSession, Callback):
+class _PromptCallback(LeanHooks, FinetuneSession, Callback):
     takes_over = frozenset({"configure_optimizers"})
     conflicts_with: tuple[str, ...] = ()
     changes_module = True

@@ -21,6 +21,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_techniques._internal.conflicts import check_conflicts
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.optional import require
 from lightning_techniques._internal.validation import check_choice, check_non_negative, check_number, check_positive
 from lightning_techniques.finetune._peft import adapter_parameter_names, outside_tuner_layers
@@ -138,7 +139,7 @@ def numerical_rank(matrix: torch.Tensor, rtol: float = 1e-3) -> int:
 _LR_OWNERS = ("LRSchedule", "ReduceLROnPlateau", "StochasticWeightAveraging")
 
 
-class ReLoRA(FinetuneSession, Callback):
+class ReLoRA(LeanHooks, FinetuneSession, Callback):
     """ReLoRA (Lialin et al. 2023): LoRA on the chosen layers whose factors are merged into the frozen base weights
     and restarted every ``restart_every`` optimizer steps, with the factors' optimizer state pruned and a jagged
     cosine LR schedule, so a sequence of low-rank updates adds up to a high-rank one.

@@ -16,6 +16,7 @@ from lightning_techniques._internal import compat
 from lightning_techniques._internal.artifacts import ArtifactLogger
 from lightning_techniques._internal.batch import get_inputs
 from lightning_techniques._internal.distributed import broadcast_module_, broadcast_object
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.validation import check_number, check_positive, resolve_layer_type
 
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -189,7 +190,7 @@ def lsuv_init(
             module.training = training
 
 
-class LSUVInit(Callback):
+class LSUVInit(LeanHooks, Callback):
     """Layer-sequential unit-variance initialisation of the user's model, on the first training batch.
 
     Mishkin & Matas, "All you need is a good init", ICLR 2016: orthonormal pre-initialisation, then, layer by layer

@@ -22,6 +22,7 @@ from torch import nn
 from lightning_techniques._internal import compat
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.distributed import broadcast_module_, broadcast_object
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.validation import (
     check_choice,
     check_non_negative,
@@ -308,7 +309,7 @@ def init_weights(
     return records
 
 
-class WeightInit(Callback):
+class WeightInit(LeanHooks, Callback):
     """Initialise the model's layers once at the start of a fresh ``fit`` by a classical scheme per layer type or
     name pattern (Xavier/Glorot, He/Kaiming, orthogonal, uniform, normal, zero), biases zeroed or constant.
 

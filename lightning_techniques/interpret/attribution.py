@@ -40,6 +40,7 @@ from lightning_techniques._internal.artifacts import ArtifactLogger
 from lightning_techniques._internal.batch import get_inputs, get_targets
 from lightning_techniques._internal.eval_grad import gradients_enabled, usable_tensor
 from lightning_techniques._internal.eval_stages import fetch_samples
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.optional import require
 from lightning_techniques._internal.step_logging import check_log_flag
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
@@ -414,7 +415,7 @@ def resolve_every_n_val_epochs(owner: str, every_n_val_epochs: int | None, every
     return default if every_n_val_epochs is None else every_n_val_epochs
 
 
-class AttributionLogger(Callback):
+class AttributionLogger(LeanHooks, Callback):
     """Base class of every attribution logger: fixed samples, frequency, rank 0 only, overlays + raw arrays.
 
     Not used directly: subclasses (:class:`SaliencyLogger`, :class:`IntegratedGradientsLogger`,

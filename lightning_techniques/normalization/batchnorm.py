@@ -24,6 +24,7 @@ from lightning_techniques._internal.batch import get_inputs
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.distributed import all_reduce_sum
 from lightning_techniques._internal.eval_stages import fetch_samples
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.sampling import seeded_permutation
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
 from lightning_techniques.augment._seeding import derive_seed
@@ -116,7 +117,7 @@ def _train_loader(trainer: Any) -> Any:
 # ------------------------------------------------------------------------------------------------------------ adapter
 
 
-class PreciseBN(Callback):
+class PreciseBN(LeanHooks, Callback):
     """Recompute BatchNorm running statistics as true averages over many training batches before evaluation.
 
     Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021 (section 3, "precise BN"; fvcore's ``update_bn_stats``):
@@ -231,7 +232,7 @@ class PreciseBN(Callback):
         self.recomputed = int(state_dict.get("recomputed", 0))
 
 
-class FreezeBatchNorm(Callback):
+class FreezeBatchNorm(LeanHooks, Callback):
     """Freeze BatchNorm layers during training: their running statistics (eval mode) and/or their affine weights.
 
     The usual recipe for fine-tuning with small batches or on a shifted dataset (e.g. detection / segmentation
@@ -369,7 +370,7 @@ def swap_batch_norm_(model: nn.Module, to: str = "group", num_groups: int = 32,
     return [path for path, _ in new]
 
 
-class NormSwap(Callback):
+class NormSwap(LeanHooks, Callback):
     """Replace BatchNorm layers with GroupNorm / LayerNorm / InstanceNorm for training with tiny batches.
 
     Wu & He, "Group Normalization", ECCV 2018: BatchNorm's error grows quickly as the batch shrinks (its statistics
@@ -472,7 +473,7 @@ def revert_sync_batchnorm_(model: nn.Module, originals: dict[str, _BatchNorm]) -
         _set_submodule(model, path, original)
 
 
-class SyncBatchNormConversion(Callback):
+class SyncBatchNormConversion(LeanHooks, Callback):
     """Synchronise the statistics of chosen BatchNorm layers across DDP processes (``nn.SyncBatchNorm``) for one fit.
 
     Ioffe & Szegedy 2015 (BatchNorm); synchronised BN as in Peng et al., "MegDet", CVPR 2018 (cross-GPU BN for

@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_techniques._internal import compat
 from lightning_techniques._internal.conflicts import check_conflicts
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.patching import MethodPatch, undo_at_run_end
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
@@ -132,7 +133,7 @@ def _check_scheduling(scheduling: Mapping[int, int]) -> dict[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------- Lightning adapter
-class AccumulationScheduler(Callback):
+class AccumulationScheduler(LeanHooks, Callback):
     """Gradient accumulation scheduled by optimizer step or by epoch, with aligned boundaries and exact step counts.
 
     Sets ``trainer.accumulate_grad_batches`` at group boundaries, so Lightning's own machinery does the rest: zeroing

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from lightning_techniques._internal import compat, grad_norms
 from lightning_techniques._internal.grad_norms import combined_norm, float32_norms, host_norms, total_norm
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_number, check_positive
 
@@ -285,7 +286,7 @@ def _selected(module: nn.Module, exclude: Sequence[str] | None) -> list[tuple[st
     ]
 
 
-class _ClippingCallback(Callback):
+class _ClippingCallback(LeanHooks, Callback):
     """Shared adapter: acts in ``on_before_optimizer_step`` (unscaled, DDP-synchronised gradients), logs norms at
     the Trainer's ``log_every_n_steps`` cadence. One host sync per optimizer step (what the step's decision needs)."""
 

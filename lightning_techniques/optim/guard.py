@@ -18,6 +18,7 @@ from torch import Tensor
 from lightning_techniques._internal import compat, grad_norms
 from lightning_techniques._internal.distributed import agree_any
 from lightning_techniques._internal.grad_norms import combined_norm, host_norms
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_choice, check_positive
 
@@ -71,7 +72,7 @@ def drop_gradients_(parameters: Iterable[Tensor]) -> None:
         p.grad = None
 
 
-class NonFiniteGuard(Callback):
+class NonFiniteGuard(LeanHooks, Callback):
     """Skip the optimizer step when a gradient (or the loss) is NaN/Inf, count it, and stop after too many in a row.
 
     Runs in ``on_before_optimizer_step``, the first hook where the gradients are complete (every accumulated

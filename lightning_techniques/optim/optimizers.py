@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 from lightning_techniques._internal import compat
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.distributed import all_reduce_sum, is_distributed
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.validation import check_choice, check_non_negative, check_positive
 from lightning_techniques.optim._configure import register_optimizer_provider, unregister
 
@@ -313,7 +314,7 @@ _LBFGS_CONFLICTS: tuple[str, ...] = (
 )
 
 
-class OptimizerCallback(Callback):
+class OptimizerCallback(LeanHooks, Callback):
     """Gives an unmodified LightningModule any common optimizer, chosen by name, without weight decay on biases and
     normalisation weights.
 

@@ -22,6 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from lightning_techniques._internal import compat
 from lightning_techniques._internal.conflicts import check_conflicts, takes_over
 from lightning_techniques._internal.distributed import broadcast_object
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.schedule import interpolate, progress
 from lightning_techniques._internal.step_logging import resolve_log_flag, should_log_step
 from lightning_techniques._internal.validation import (
@@ -178,7 +179,7 @@ def _accumulation_callbacks(trainer: Any) -> tuple[list[GradientAccumulationSche
     return lightning, others
 
 
-class LRSchedule(Callback):
+class LRSchedule(LeanHooks, Callback):
     """Linear warm-up + cosine / linear / polynomial / step / exponential decay, one-cycle or cosine with warm
     restarts, for an unmodified LightningModule, stepped once per optimizer step.
 
@@ -386,7 +387,7 @@ class LRSchedule(Callback):
         self.resolved_warmup_steps = state_dict.get("resolved_warmup_steps")
 
 
-class ReduceLROnPlateau(Callback):
+class ReduceLROnPlateau(LeanHooks, Callback):
     """Reduce the LR by ``factor`` when a monitored metric stops improving for ``patience`` checks, with cooldown
     and a minimum LR, for an unmodified LightningModule; every DDP rank takes the same decision.
 

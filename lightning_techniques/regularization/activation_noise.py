@@ -19,6 +19,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import nn
 
 from lightning_techniques._internal.conflicts import check_conflicts
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.patching import undo_at_run_end
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_choice, check_non_negative, check_number, check_positive
@@ -54,7 +55,7 @@ def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, generator: torch
 # ------------------------------------------------------------------------------------------------------------ adapters
 
 
-class _ActivationHooks(Callback):
+class _ActivationHooks(LeanHooks, Callback):
     """Forward hooks on the layers ``targets`` select, active only for training batches of the layers in train mode;
     a generator reseeded per training micro-batch (``(seed, salt, step, micro-batch, rank)``)."""
 

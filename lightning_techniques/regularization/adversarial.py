@@ -35,6 +35,7 @@ from torch import nn
 from lightning_techniques._internal.batch import get_inputs, get_targets
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.criterion import find_criterion
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.loss_terms import LossTermHandle, add_loss_term
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics, resolve_log_flag
 from lightning_techniques._internal.validation import check_choice, check_number, check_positive
@@ -277,7 +278,7 @@ def _is_fp16(trainer: Any) -> bool:
     return str(getattr(trainer, "precision", "32-true")) in ("16-mixed", "16-true", "16")
 
 
-class _AdversarialTerm(Callback):
+class _AdversarialTerm(LeanHooks, Callback):
     takes_over: frozenset[str] = frozenset({"loss_term"})  # see lightning_techniques/_internal/conflicts.py
     term_name = "adversarial"
 

@@ -19,6 +19,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from lightning_techniques._internal.batch import get_inputs, get_targets
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.distributed import all_reduce_sum
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.schedule import interpolate, progress
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics, resolve_log_flag
 from lightning_techniques._internal.validation import check_number, check_positive
@@ -56,7 +57,7 @@ def scheduled_dropout(step: int, target: float, steps: int, start: float = 0.0,
     raise ValueError(f"schedule={schedule!r} is not allowed; choose one of {list(get_args(DropoutScheduleKind))}.")
 
 
-class DropoutSchedule(Callback):
+class DropoutSchedule(LeanHooks, Callback):
     """Schedules the rate ``p`` of the model's dropout layers over training: a linear warm-up from ``start`` to the
     target, or curriculum dropout's exponential approach (Morerio, Cavazza, Volpi, Vidal & Murino, "Curriculum
     Dropout", ICCV 2017: little dropout while the network learns easy features, more later).
@@ -194,7 +195,7 @@ def mc_dropout_predict(
             "mutual_info": (entropy - expected_entropy).clamp_min(0.0), "std": probs.std(dim=0, unbiased=False)}
 
 
-class MCDropout(Callback):
+class MCDropout(LeanHooks, Callback):
     """Monte-Carlo dropout at evaluation: for every test (and chosen validation / predict) batch, ``num_samples``
     stochastic forward passes with the model's dropout layers active; the mean prediction's accuracy and NLL and
     the predictive uncertainty (entropy, mutual information) are logged.

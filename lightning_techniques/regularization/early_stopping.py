@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lightning_techniques._internal import compat
 from lightning_techniques._internal.artifacts import atomic_torch_save
 from lightning_techniques._internal.distributed import broadcast_object
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.validation import check_choice
 
 
@@ -93,7 +94,7 @@ def _check_real(name: str, value: Any, optional: bool = False) -> None:
         raise InvalidArgumentError(f"{name} must be finite, got {value!r}.")
 
 
-class EarlyStopping(_LightningEarlyStopping):
+class EarlyStopping(LeanHooks, _LightningEarlyStopping):
     """Lightning's ``EarlyStopping`` (same arguments, same state key) that also restores the best weights.
 
     When training ends - because this callback stopped it, or ``max_epochs``/``max_steps`` was reached - the module's

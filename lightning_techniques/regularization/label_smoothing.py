@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.criterion import CriterionHandle
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.patching import MethodPatch
 from lightning_techniques._internal.validation import check_number
 
@@ -47,7 +48,7 @@ def _soft_target_losses() -> tuple[type[nn.Module], ...]:
     return (FocalLoss, SoftTargetNLLLoss)
 
 
-class LabelSmoothing(Callback):
+class LabelSmoothing(LeanHooks, Callback):
     """Trains against smoothed targets ``(1 - epsilon) * one_hot(y) + epsilon / K`` by reconfiguring the module's
     criterion for the training batches of ``fit``.
 

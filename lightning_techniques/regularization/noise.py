@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_techniques._internal import compat
 from lightning_techniques._internal.conflicts import check_conflicts
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.patching import MethodPatch
 from lightning_techniques._internal.step_logging import log_step_metrics, resolve_log_flag
 from lightning_techniques._internal.validation import check_number, check_positive
@@ -57,7 +58,7 @@ def restore_weights_(params: Sequence[torch.Tensor], clean: Sequence[torch.Tenso
         p.copy_(c)
 
 
-class WeightNoise(Callback):
+class WeightNoise(LeanHooks, Callback):
     """Gaussian noise on the weights for each training forward/backward pass; the optimizer steps the clean weights.
 
     Graves, "Practical Variational Inference for Neural Networks", NIPS 2011 (and earlier Murray & Edwards 1994, An

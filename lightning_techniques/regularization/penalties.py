@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_techniques._internal.conflicts import check_conflicts
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.loss_terms import LossTermHandle, add_loss_term
 from lightning_techniques._internal.schedule import interpolate, progress
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics, resolve_log_flag
@@ -112,7 +113,7 @@ def warmup_coefficient(step: int, coefficient: float, warmup_steps: int = 0) -> 
     return interpolate(0.0, float(coefficient), progress(step, warmup_steps), "linear")
 
 
-class _WeightPenalty(Callback):
+class _WeightPenalty(LeanHooks, Callback):
     kind: PenaltyKind = "l1"
     takes_over: frozenset[str] = frozenset({"loss_term"})  # see lightning_techniques/_internal/conflicts.py
 

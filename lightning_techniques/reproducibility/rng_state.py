@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_techniques._internal.distributed import is_distributed
+from lightning_techniques._internal.lean_hooks import LeanHooks
 
 _FORMAT = 1
 
@@ -93,7 +94,7 @@ def derived_seed(states: dict[str, Any], rank: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- Lightning adapter
-class RNGStateCheckpoint(Callback):
+class RNGStateCheckpoint(LeanHooks, Callback):
     """Saves every rank's random-generator states (torch CPU, CUDA, numpy, Python ``random``) in the checkpoint and
     restores them on resume, so dropout, random augmentation and any other random draw continue exactly as in an
     uninterrupted run.

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.distributed import agree_any, broadcast_object
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.optional import require
 from lightning_techniques._internal.validation import check_choice
 
@@ -45,7 +46,7 @@ def reported_steps(trial: Any) -> set[int]:
     return set()
 
 
-class OptunaPruning(Callback):
+class OptunaPruning(LeanHooks, Callback):
     """Reports ``monitor`` to an Optuna trial after every validation, keyed by the global step, and stops the run on
     every rank at once when the trial's pruner says so; :meth:`check_pruned` then raises ``optuna.TrialPruned``.
 

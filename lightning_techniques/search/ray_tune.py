@@ -39,6 +39,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.distributed import agree_any, broadcast_object
+from lightning_techniques._internal.lean_hooks import LeanHooks
 from lightning_techniques._internal.optional import require
 from lightning_techniques._internal.validation import check_choice
 from lightning_techniques.search.space import (
@@ -67,7 +68,7 @@ def _in_tune_session() -> bool:
     return bool(in_session())
 
 
-class RayTuneReport(Callback):
+class RayTuneReport(LeanHooks, Callback):
     """Reports the monitored metrics to the Ray Tune trial at every validation end, with a Lightning checkpoint
     saved into the trial's checkpoint, so ASHA (or any Tune scheduler) can stop the trial and Ray can resume it.
 

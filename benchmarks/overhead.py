@@ -6,16 +6,17 @@ tiny MLP (digits, batch 64), measured as main-thread CPU time per step beside wa
 Each variant is one ``fit`` of ``--epochs`` epochs (~20 training steps each, 2 validation batches per epoch); the
 step time is the interval from one ``on_train_batch_end`` to the next (data loading, batch transfer and transforms,
 forward, backward, optimizer step and every callback hook; the first batch of each epoch, and with it LSUV's one-off
-initialisation, has no interval). Per run the median interval is taken, in main-thread CPU time
-(``time.thread_time``: what the Python process itself spends, insensitive to other processes' load) and in wall time.
-Variants run round-robin (rotated every round) in one process. The headline ratio is the 10th percentile of all the
-variant's step times pooled over the rounds, divided by the same for the bare Trainer: disturbances (other
-processes, a neighbour on the hyperthread, frequency changes) only ever add time to a step, so a low quantile of
-many steps estimates the undisturbed step, while a technique's own cost is paid on every step and shifts the whole
-distribution. Beside it: the 25th percentile, and the median over rounds of (variant / bare Trainer of the same
-round) with its range over rounds. The A/A row is the bare Trainer run twice: its distance from 1 is the noise
-floor; the no-op row (as many callbacks as the stack, overriding no hook) is what Lightning itself spends
-dispatching the hooks of that many callbacks. The machine load (``os.getloadavg``) before and after is recorded.
+initialisation, has no interval), in main-thread CPU time (``time.thread_time``: what the Python process itself
+spends, insensitive to other processes' load) and in wall time. Every variant run is paired with a bare-Trainer run
+right beside it (``runner.paired_with_baseline``, order alternating); the headline ratio is the median over the
+rounds of (25th percentile of the variant run's step times) / (the same of its bare partner): a slow phase of the
+shared machine longer than one pair slows both alike, and disturbances only ever add time to a step, so a low
+quantile estimates the undisturbed step while a technique's own cost, paid on every step, shifts the whole
+distribution. Beside it the 10th percentile of all the variant's steps pooled over rounds / the same for the bare
+Trainer. The A/A row is the bare Trainer paired with itself: its distance from 1 is the noise floor; the no-op rows
+(as many callbacks as the stack, implementing no hook - plain, and with the techniques' ``LeanHooks`` mixin) show
+what Lightning itself spends dispatching the hooks of that many callbacks. The machine load (``os.getloadavg``)
+before and after is recorded.
 OptimizerCallback builds the optimizer the demo module configures itself (the row measures the callback, not a
 change of algorithm).
 
@@ -41,6 +42,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.profilers import PassThroughProfiler
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.runner import markdown_table, paired_with_baseline, quiet_trainer, record
@@ -61,6 +63,7 @@ from lightning_techniques import (
     ZScoreNormalization,
 )
 from lightning_techniques.demo import DeepMLP, DigitsCNN, DigitsDataModule
+from lightning_techniques.mechanisms import LeanHooks
 
 
 def same_optimizer(model: Any) -> OptimizerCallback:
@@ -165,8 +168,9 @@ class WorkCounter(Callback):
     def __init__(self) -> None:
         self.ops = 0
         self.reads = 0
-        self.per_step: list[tuple[int, int]] = []
+        self.per_step: list[tuple[int, int, int]] = []
         self._active = 0
+        self.profiler: DispatchCounter | None = None
 
     def instrument(self, callback: Callback) -> Callback:
         for name in STEP_HOOKS:
@@ -203,44 +207,76 @@ class WorkCounter(Callback):
             setattr(torch.Tensor, name, original)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.per_step.append((self.ops, self.reads))
+        # (the techniques' on_train_batch_end hooks run after this one: counted in the next step, as every step's)
+        dispatched = self.profiler.calls if self.profiler is not None else 0
+        self.per_step.append((self.ops, self.reads, dispatched))
         self.ops = self.reads = 0
+        if self.profiler is not None:
+            self.profiler.calls = 0
+
+
+class DispatchCounter(PassThroughProfiler):
+    """The Trainer's profiler, counting the callback hook calls Lightning dispatches (``[Callback]<key>.<hook>``
+    actions: one per callback and hook it calls) of the callbacks whose state keys are in ``keys``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys: set[str] = set()
+        self.calls = 0
+
+    def start(self, action_name: str) -> None:
+        if action_name.startswith("[Callback]") and action_name[10:].rsplit(".", 1)[0] in self.keys:
+            self.calls += 1
 
 
 def count_work(make_model: Callable[[], L.LightningModule], makers: list[Callable[[Any], Callback]],
-               epochs: int = 1) -> tuple[float, float]:
-    """Median aten ops and host reads per training step in the techniques' own hooks (one fit)."""
+               epochs: int = 1) -> tuple[float, float, float]:
+    """Median aten ops and host reads per training step in the techniques' own hooks, and the hook calls Lightning
+    dispatches to them per step (one fit)."""
     L.seed_everything(0, verbose=False)
     counter = WorkCounter()
     model = make_model()
     callbacks = [counter.instrument(m(model)) for m in makers]
+    profiler = DispatchCounter()
+    profiler.keys = {c.state_key for c in callbacks}
+    counter.profiler = profiler
     originals = counter.patch_host_reads()
     try:
-        quiet_trainer(max_epochs=epochs, limit_val_batches=2, callbacks=[counter] + callbacks).fit(
-            model, datamodule=DigitsDataModule(batch_size=64))
+        quiet_trainer(max_epochs=epochs, limit_val_batches=2, callbacks=[counter] + callbacks,
+                      profiler=profiler).fit(model, datamodule=DigitsDataModule(batch_size=64))
     finally:
         counter.restore_host_reads(originals)
     steps = counter.per_step[1:]  # the first batch: one-off work (LSUV, fitting statistics)
-    return statistics.median(o for o, _ in steps), statistics.median(r for _, r in steps)
+    return (statistics.median(o for o, _, _ in steps), statistics.median(r for _, r, _ in steps),
+            statistics.median(d for _, _, d in steps))
 
 
 def work_rows() -> list[dict[str, Any]]:
     rows = []
     for name, makers in variants().items():
-        if not any(name.startswith(p) for p in ("+ ", "all ", "reference")):
+        if not any(name.startswith(p) for p in ("+ ", "all ", "reference", f"{len(STACKED)} no-op")):
             continue
         row: dict[str, Any] = {"variant": name}
         for model_name, make_model in MODELS.items():
-            ops, reads = count_work(make_model, makers)
+            ops, reads, dispatched = count_work(make_model, makers)
             short = model_name.split(" (")[0]
             row[f"{short}: aten ops / step"] = ops
             row[f"{short}: host reads / step"] = reads
+            if short == "DigitsCNN":  # the same for any model
+                row["hook calls Lightning dispatches / step"] = dispatched
         rows.append(row)
     return rows
 
 
 class NoOpCallback(Callback):
     """A callback that overrides no hook: what Lightning itself spends per step on one more callback."""
+
+    def __init__(self, model: Any = None) -> None:
+        super().__init__()
+
+
+class LeanNoOpCallback(LeanHooks, Callback):
+    """The same with the techniques' ``LeanHooks`` mixin: Lightning skips its per-batch hooks."""
 
     def __init__(self, model: Any = None) -> None:
         super().__init__()
@@ -261,6 +297,7 @@ class GradNormReference(Callback):
 def variants() -> dict[str, list[Callable[[Any], Callback]]]:
     out: dict[str, list[Callable[[Any], Callback]]] = {"bare Trainer": [], "bare Trainer again (A/A noise control)": []}
     out[f"{len(STACKED)} no-op callbacks (Lightning's hook dispatch)"] = [NoOpCallback] * len(STACKED)
+    out[f"{len(STACKED)} no-op callbacks with LeanHooks (as the techniques)"] = [LeanNoOpCallback] * len(STACKED)
     out["reference: gradient norm read once per step"] = [GradNormReference]
     out.update({f"+ {name}": [make] for name, make in {**TECHNIQUES, **ALONE_ONLY}.items()})
     out[f"all {len(STACKED)} stacked"] = [TECHNIQUES[name] for name in STACKED]
@@ -309,6 +346,70 @@ def step_table(model: str, results: dict[str, list[tuple[dict[str, Any], dict[st
             "1 + hooks / bare step": 1 + hooks / base_p25,
             "wall ratio (paired)": statistics.median(wall),
         })
+    return rows
+
+
+# ------------------------------------------------------------------------------------ cold code after backward
+class ColdPathProbe(Callback):
+    """In ``on_before_optimizer_step`` (right after the backward pass): CPU time of a trivial torch op (a 0-d
+    ``zeros`` + ``add_``), then NonFiniteGuard's check (``step_check``) twice in a row, then AGC's unit-norm factors
+    twice in a row (each step; the first calls run on code the backward pass has evicted from the caches)."""
+
+    LABELS = ("trivial op, first after backward", "NonFiniteGuard check, 1st call", "NonFiniteGuard check, again",
+              "AGC factors, 1st call", "AGC factors, again")
+
+    def __init__(self) -> None:
+        self.times: list[list[float]] = [[] for _ in self.LABELS]
+        self._plan: Any = None
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        from lightning_techniques.optim.clipping import _AGCPlan
+        from lightning_techniques.optim.guard import step_check
+
+        params = [p for p in pl_module.parameters() if p.grad is not None]
+        grads = [p.grad for p in params]
+        if self._plan is None:
+            self._plan = _AGCPlan(params)
+        calls = (lambda: torch.zeros(()).add_(1.0), lambda: step_check(grads), lambda: step_check(grads),
+                 lambda: self._plan.factors(0.01, 1e-3), lambda: self._plan.factors(0.01, 1e-3))
+        for times, call in zip(self.times, calls):
+            start = time.thread_time()
+            call()
+            times.append(time.thread_time() - start)
+
+
+def warm_loop_us(call: Callable[[], Any], n: int = 2000) -> float:
+    for _ in range(100):
+        call()
+    start = time.thread_time()
+    for _ in range(n):
+        call()
+    return (time.thread_time() - start) / n * 1e6
+
+
+def cold_rows(epochs: int = 8) -> list[dict[str, Any]]:
+    """The same calls in the trainer right after backward and in a warm loop, per model (median over steps)."""
+    from lightning_techniques.optim.clipping import _AGCPlan
+    from lightning_techniques.optim.guard import step_check
+
+    rows = []
+    for model_name, make_model in MODELS.items():
+        L.seed_everything(0, verbose=False)
+        probe = ColdPathProbe()
+        model = make_model()
+        quiet_trainer(max_epochs=epochs, limit_val_batches=0, callbacks=[probe]).fit(
+            model, datamodule=DigitsDataModule(batch_size=64))
+        params = list(model.parameters())
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g
+        plan = _AGCPlan(params)
+        warm = (warm_loop_us(lambda: torch.zeros(()).add_(1.0)), warm_loop_us(lambda g=grads: step_check(g)), None,
+                warm_loop_us(lambda pl=plan: pl.factors(0.01, 1e-3)), None)
+        for label, times, warm_us in zip(ColdPathProbe.LABELS, probe.times, warm):
+            rows.append({"model": model_name.split(" (")[0], "call": label,
+                         "in the trainer, after backward (us)": statistics.median(times[10:]) * 1e6,
+                         "warm loop (us)": "" if warm_us is None else warm_us})
     return rows
 
 
@@ -377,6 +478,7 @@ def main() -> None:
         rows.extend(step_table(model_name, results))
     micro = autoclip_rows()
     work = work_rows()
+    cold = cold_rows()
     load_after = os.getloadavg()
     cpu_total, wall_total = time.process_time() - cpu_start, time.perf_counter() - wall_start
     stacked = f"all {len(STACKED)} stacked"
@@ -386,12 +488,14 @@ def main() -> None:
         row = next(r for r in rows if r["model"] == model_name and r["variant"] == stacked)
         aa = next(r for r in rows if r["model"] == model_name and r["variant"].startswith("bare Trainer again"))
         noop = next(r for r in rows if r["model"] == model_name and "no-op" in r["variant"])
+        lean = next(r for r in rows if r["model"] == model_name and "LeanHooks" in r["variant"])
         ref = next(r for r in rows if r["model"] == model_name and r["variant"].startswith("reference"))
         met = "met" if row[key] <= target else "not met"
         verdict.append(f"{model_name}: stacked {row[key]:.3f}x (target <= {target}x: {met}; A/A {aa[key]:.3f}x; pooled "
                        f"p10 {row['CPU ratio (pooled p10)']:.3f}x), {row['1 + hooks / bare step']:.3f}x from the "
                        f"techniques' own hooks; Lightning's dispatch of {len(STACKED)} callbacks that do nothing: "
-                       f"{noop[key]:.3f}x; a callback that only reads the gradient norm once per step: {ref[key]:.3f}x")
+                       f"{noop[key]:.3f}x (with the techniques' LeanHooks: {lean[key]:.3f}x); a callback that only "
+                       f"reads the gradient norm once per step: {ref[key]:.3f}x")
     cnn = list(MODELS)[0]
     alone = [r for r in rows if r["model"] == cnn and r["variant"].startswith("+ ")]
     over = [f"{r['variant'][2:]} {r[key]:.3f}x" for r in alone if r[key] > 1.02]
@@ -414,7 +518,7 @@ def main() -> None:
         "steps pooled over rounds / the same for the bare Trainer, which a slow phase spanning several runs skews. "
         "'Own hooks+transforms' is the CPU time measured inside the techniques' own per-step hooks and batch "
         "transforms (median per step), in the running trainer - where the first operations after the backward pass "
-        "run with cold caches, at about 2-4x their cost in a warm loop; it leaves out work Lightning does for them "
+        "run with cold caches (the cold-code table below); it leaves out work Lightning does for them "
         "outside their hooks (dispatching the hooks - see the no-op row -, stepping a scheduler, a sampler, a "
         "weighted loss).\n\n"
         + markdown_table(rows)
@@ -425,6 +529,11 @@ def main() -> None:
         "per training step of a 1-epoch fit. Work Lightning does for them outside their hooks (a scheduler's step, a "
         "sampler, a weighted loss) is not in it.\n\n"
         + markdown_table(work)
+        + "\n\nWhy the same work costs more in the trainer than in a loop: right after the backward pass the code of "
+        "the first operations is cold (evicted from the CPU caches by the backward kernels). The same calls timed in "
+        "the trainer's `on_before_optimizer_step` (a probe callback, median over steps) and in a warm loop on the same "
+        "model's gradients:\n\n"
+        + markdown_table(cold)
         + "\n\nAutoClip per-step cost against the length of the run so far (main-thread CPU time per call; the core is "
         "adding one norm and reading the 10th percentile):\n\n"
         + markdown_table(micro)

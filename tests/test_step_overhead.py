@@ -77,3 +77,23 @@ def test_soft_targets_checks_label_range_with_one_reduction() -> None:
         soft_targets(torch.tensor([-1, 2]), 3)
     with pytest.raises(ValueError, match="got min 0, max 3"):
         soft_targets(torch.tensor([0, 3]), 3)
+
+
+def test_shape_check_is_remembered_per_shape_pair_and_still_refuses_a_wrong_batch() -> None:
+    from lightning_techniques.normalization.zscore import check_batch_shape
+
+    module = Standardize(torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    module(torch.ones(2, 3))
+    assert module.__dict__["_checked_shapes"] == (torch.Size([2, 3]), torch.Size([3]))
+    with pytest.raises(ValueError, match="does not match the fitted statistics"):
+        module(torch.ones(2, 4))  # a new shape is checked again
+    module(torch.ones(5, 3))  # another batch size of the right shape
+    # statistics of another shape (buffers replaced): the remembered pair no longer matches, the batch is refused
+    module.mean, module.std = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="does not match the fitted statistics"):
+        module(torch.ones(5, 3))
+    scale = MinMaxScale.from_bounds(torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError, match="MinMaxScale: input of shape"):
+        scale(torch.ones(2, 2))
+    with pytest.raises(ValueError, match="X: input of shape"):
+        check_batch_shape(module, torch.ones(2), torch.zeros(3), "X")

@@ -12,7 +12,7 @@ from torch import nn
 from lightning_techniques._internal.distributed import all_reduce_max, all_reduce_min, all_reduce_sum
 from lightning_techniques._internal.validation import check_number
 from lightning_techniques.normalization._base import _FittedNormalization, reduce_dims
-from lightning_techniques.normalization.zscore import cached_cast
+from lightning_techniques.normalization.zscore import cached_cast, check_batch_shape
 
 # ---------------------------------------------------------------------------------------------------------------- core
 
@@ -76,9 +76,7 @@ class MinMaxScale(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_floating_point():
             x = x.to(torch.get_default_dtype())
-        if x.ndim != self.scale.ndim + 1 or any(s != 1 and s != d for s, d in zip(self.scale.shape, x.shape[1:])):
-            raise ValueError(f"MinMaxScale: input of shape {tuple(x.shape)} does not match the fitted statistics of "
-                             f"shape {tuple(self.scale.shape)}.")
+        check_batch_shape(self, x, self._buffers["scale"], "MinMaxScale")  # type: ignore[arg-type]
         scale, offset = cached_cast(self, ("scale", "offset"), x.dtype, x.device)  # not re-cast for every batch
         return torch.addcmul(offset, x, scale)  # x * scale + offset in one op
 

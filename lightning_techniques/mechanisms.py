@@ -18,6 +18,7 @@ guarantees - undone when the run ends *or fails*, correct under DDP and AMP, exa
                            float32 of any dtype: ``float32_norms``) - valid for the same, unchanged tensors only
 ``MethodPatch``            a reversible wrapper layer on one instance method (one stack per method, any order)
 ``LeanHooks``              mixin (first base): Lightning skips the per-batch hooks the class does not implement
+``needed_while``           decorator: a per-batch hook Lightning calls only while ``predicate(self)`` holds
 =========================  ==========================================================================================
 
 Example - a technique that adds ``0.01 * ||w||^2`` to the loss, and nothing else to remember::
@@ -45,8 +46,9 @@ from lightning_techniques._internal import __all__ as _internal_all
 from lightning_techniques._internal.grad_norms import float32_norms  # noqa: F401 (re-exported)
 from lightning_techniques._internal.grad_norms import recall as recall_grad_norm  # noqa: F401 (re-exported)
 from lightning_techniques._internal.grad_norms import remember as remember_grad_norm  # noqa: F401 (re-exported)
+from lightning_techniques._internal.lean_hooks import needed_while  # noqa: F401 (re-exported)
 from lightning_techniques._internal.schedule import SHAPES, interpolate, progress  # noqa: F401 (re-exported)
 from lightning_techniques._internal.step_logging import log_step_metrics, should_log_step  # noqa: F401 (re-exported)
 
 __all__ = sorted({*_internal_all, "SHAPES", "interpolate", "progress", "log_step_metrics", "should_log_step",
-                  "float32_norms", "recall_grad_norm", "remember_grad_norm"})
+                  "float32_norms", "recall_grad_norm", "remember_grad_norm", "needed_while"})

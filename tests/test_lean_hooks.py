@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.profilers import SimpleProfiler
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -119,3 +120,28 @@ def test_a_lightning_that_cannot_skip_gets_the_ordinary_hooks(monkeypatch: pytes
     assert skipped_hooks(guard) == []
     profiler = _fit([guard], 2)
     assert "on_train_batch_start" in _dispatched(profiler, "NonFiniteGuard")
+
+
+def test_a_hook_needed_only_while_a_condition_holds_is_dispatched_only_then() -> None:
+    """``needed_while``: LSUV's batch hook runs for the first batch only; OptimizerCallback's only for L-BFGS; the
+    guard's loss hook only with ``check_loss``; a direct call still runs the method."""
+    lsuv = lt.LSUVInit()
+    assert "on_train_batch_start" not in skipped_hooks(lsuv)
+    guard = lt.NonFiniteGuard(check_loss=False)
+    optim = lt.OptimizerCallback("adam", lr=1e-3)
+    profiler = _fit([lsuv, guard, optim], steps=4)
+    assert lsuv.done
+    assert len(profiler.recorded_durations["[Callback]LSUVInit.on_train_batch_start"]) == 1  # the first batch
+    assert "on_train_batch_start" in skipped_hooks(lsuv)
+    assert "on_before_backward" not in _dispatched(profiler, "NonFiniteGuard")
+    assert "on_before_backward" in skipped_hooks(guard)
+    assert "on_train_batch_start" not in _dispatched(profiler, optim.state_key)
+    # everybody else still gets the method: a direct call runs it (the guard then keeps the loss)
+    assert is_overridden("on_before_backward", guard, Callback)
+    guard.check_loss = True
+    assert "on_before_backward" not in skipped_hooks(guard)
+    guard._losses = []
+    loss = torch.tensor(1.0)
+    guard.on_before_backward(None, None, loss)
+    assert len(guard._losses) == 1
+    assert type(guard).on_before_backward.__name__ == "on_before_backward"

@@ -24,7 +24,8 @@ descriptor and dispatched as usual. ``tests/test_lean_hooks.py`` checks every re
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from lightning.pytorch.callbacks import Callback
 
@@ -61,6 +62,46 @@ class _UnimplementedHook:
         return f"<hook {self.name} not implemented: skipped by Lightning's dispatcher>"
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _ConditionalHook:
+    """A hook the class implements but needs only while ``predicate(callback)`` holds (e.g. until a one-off
+    initialisation is done): ``None`` to Lightning's dispatcher when it does not, the bound method otherwise and to
+    anyone else."""
+
+    def __init__(self, fn: Callable[..., Any], predicate: Callable[[Any], bool]) -> None:
+        self.fn = fn
+        self.predicate = predicate
+        self.__wrapped__ = fn
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        if instance is None:
+            return self.fn  # the class: the function itself (Lightning's ``is_overridden`` sees an override)
+        if not self.predicate(instance) and sys._getframe(1).f_code is compat.CALLBACK_DISPATCH_CODE:
+            return None
+        return self.fn.__get__(instance, owner)
+
+
+def needed_while(predicate: Callable[[Any], bool]) -> Callable[[F], F]:
+    """Decorate a per-batch hook that does work only while ``predicate(self)`` is true: Lightning's dispatcher then
+    skips it (no profiler context, no call) once the predicate is false; a direct call or ``super()`` still runs it.
+    The predicate is evaluated on every dispatch: keep it to an attribute read.
+
+    Example::
+
+        class LSUVInit(LeanHooks, Callback):
+            @needed_while(lambda self: not self.done)
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx): ...
+    """
+
+    def decorate(fn: F) -> F:
+        return _ConditionalHook(fn, predicate)  # type: ignore[return-value]
+
+    return decorate
+
+
 class LeanHooks:
     """Mixin for callbacks: the per-batch hooks the class does not implement are skipped by Lightning's dispatcher
     instead of being called as no-ops (see the module docstring). Put it first: ``class X(LeanHooks, Callback)``."""
@@ -71,8 +112,9 @@ for _name in PER_BATCH_HOOKS:
 
 
 def skipped_hooks(callback: Any) -> list[str]:
-    """The per-batch hooks of ``callback`` that Lightning's dispatcher skips (those its class does not implement),
-    empty when the dispatcher cannot skip (see ``compat.CALLBACK_DISPATCH_CODE``)."""
+    """The per-batch hooks of ``callback`` that Lightning's dispatcher skips now (those its class does not implement,
+    and those of :func:`needed_while` whose predicate is false), empty when the dispatcher cannot skip (see
+    ``compat.CALLBACK_DISPATCH_CODE``)."""
     if compat.CALLBACK_DISPATCH_CODE is None:
         return []
     mro = type(callback).__mro__
@@ -81,6 +123,7 @@ def skipped_hooks(callback: Any) -> list[str]:
         if name in vars(callback):
             continue  # an instance attribute comes first
         found = next((vars(klass)[name] for klass in mro if name in vars(klass)), None)
-        if isinstance(found, _UnimplementedHook):
+        if isinstance(found, _UnimplementedHook) or (
+                isinstance(found, _ConditionalHook) and not found.predicate(callback)):
             out.append(name)
     return out

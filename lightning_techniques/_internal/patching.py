@@ -47,8 +47,9 @@ class _PatchStack:
 
         stack = self
 
-        def dispatcher(*args: Any, **kwargs: Any) -> Any:
-            return stack.call_from(len(stack.layers), *args, **kwargs)
+        def dispatcher(*args: Any, **kwargs: Any) -> Any:  # (the top layer; called for every batch by some hooks)
+            layers = stack.layers
+            return layers[-1].wrapper(*args, **kwargs) if layers else stack.base(*args, **kwargs)
 
         # Lightning's ``is_overridden`` compares ``__code__`` with the parent's; the dispatcher has its own code, so
         # a patched hook counts as overridden, which is what makes Lightning call it.
@@ -78,8 +79,11 @@ class _PatchStack:
         and nothing else is below)."""
 
         def call_next(*args: Any, **kwargs: Any) -> Any:
+            layers = self.layers
+            if layers and layers[0] is layer:  # the bottom layer (the common case): the original is below
+                return self.base(*args, **kwargs)
             try:
-                height = self.layers.index(layer)
+                height = layers.index(layer)
             except ValueError:  # the layer was removed while a call through it was under way
                 height = 0
             return self.call_from(height, *args, **kwargs)

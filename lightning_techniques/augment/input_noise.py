@@ -9,6 +9,7 @@ import torch
 
 from lightning_techniques._internal.batch import get_inputs, set_inputs
 from lightning_techniques._internal.batch_transforms import BatchTransformCallback
+from lightning_techniques._internal.lean_hooks import needed_while
 from lightning_techniques._internal.schedule import interpolate, progress
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_choice, check_non_negative, check_positive
@@ -185,6 +186,7 @@ class InputNoise(BatchTransformCallback):
             noisy = noisy.clamp(self.clip[0], self.clip[1])
         return set_inputs(batch, noisy, self.input_key)
 
+    @needed_while(lambda self: self._log_enabled)
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._log_enabled:
             log_step_metrics(pl_module, {"input_noise/scale": self.current_scale})

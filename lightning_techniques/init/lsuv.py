@@ -16,7 +16,7 @@ from lightning_techniques._internal import compat
 from lightning_techniques._internal.artifacts import ArtifactLogger
 from lightning_techniques._internal.batch import get_inputs
 from lightning_techniques._internal.distributed import broadcast_module_, broadcast_object
-from lightning_techniques._internal.lean_hooks import LeanHooks
+from lightning_techniques._internal.lean_hooks import LeanHooks, needed_while
 from lightning_techniques._internal.validation import check_number, check_positive, resolve_layer_type
 
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -271,6 +271,7 @@ class LSUVInit(LeanHooks, Callback):
                     f"include={self.include}, exclude={self.exclude}. Layers in the model: {available}"
                 )
 
+    @needed_while(lambda self: not self.done)  # the first training batch of a fresh run only
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.done:
             return

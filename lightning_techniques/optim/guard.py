@@ -18,7 +18,7 @@ from torch import Tensor
 from lightning_techniques._internal import compat, grad_norms
 from lightning_techniques._internal.distributed import agree_any
 from lightning_techniques._internal.grad_norms import combined_norm, host_norms
-from lightning_techniques._internal.lean_hooks import LeanHooks
+from lightning_techniques._internal.lean_hooks import LeanHooks, needed_while
 from lightning_techniques._internal.step_logging import check_log_flag, log_step_metrics
 from lightning_techniques._internal.validation import check_choice, check_positive
 
@@ -153,6 +153,7 @@ class NonFiniteGuard(LeanHooks, Callback):
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._losses = []
 
+    @needed_while(lambda self: self.check_loss)
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
         if self.check_loss:  # kept on the device and checked together with the gradients: one sync per step
             self._losses.append(loss.detach())

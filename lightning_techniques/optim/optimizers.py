@@ -20,7 +20,7 @@ from torch.optim import Optimizer
 from lightning_techniques._internal import compat
 from lightning_techniques._internal.conflicts import check_conflicts
 from lightning_techniques._internal.distributed import all_reduce_sum, is_distributed
-from lightning_techniques._internal.lean_hooks import LeanHooks
+from lightning_techniques._internal.lean_hooks import LeanHooks, needed_while
 from lightning_techniques._internal.validation import check_choice, check_non_negative, check_positive
 from lightning_techniques.optim._configure import register_optimizer_provider, unregister
 
@@ -502,6 +502,7 @@ class OptimizerCallback(LeanHooks, Callback):
             **self.optimizer_kwargs,
         )
 
+    @needed_while(lambda self: self.name == "lbfgs")
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self.name == "lbfgs":
             self._check_lbfgs(trainer)  # an accumulation scheduler may have changed it since setup

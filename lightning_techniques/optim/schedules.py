@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from lightning_techniques._internal import compat
 from lightning_techniques._internal.conflicts import check_conflicts, takes_over
 from lightning_techniques._internal.distributed import broadcast_object
-from lightning_techniques._internal.lean_hooks import LeanHooks
+from lightning_techniques._internal.lean_hooks import LeanHooks, needed_while
 from lightning_techniques._internal.schedule import interpolate, progress
 from lightning_techniques._internal.step_logging import resolve_log_flag, should_log_step
 from lightning_techniques._internal.validation import (
@@ -374,6 +374,7 @@ class LRSchedule(LeanHooks, Callback):
         return [{"scheduler": s, "interval": "step", "frequency": 1, "name": f"LRSchedule-{self.schedule}"}
                 for s in self.schedulers]
 
+    @needed_while(lambda self: self._log_enabled)
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._log_enabled and should_log_step(trainer):
             log_learning_rates(pl_module, trainer.optimizers)
@@ -511,6 +512,7 @@ class ReduceLROnPlateau(LeanHooks, Callback):
             for s in self.schedulers
         ]
 
+    @needed_while(lambda self: self._log_enabled)
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._log_enabled and should_log_step(trainer):
             log_learning_rates(pl_module, trainer.optimizers)

@@ -31,6 +31,7 @@ technique alone <= 1.02x on the CNN; AutoClip's per-step cost flat from step 100
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import os
 import statistics
@@ -62,8 +63,9 @@ from lightning_techniques import (
     Oversampling,
     ZScoreNormalization,
 )
+from lightning_techniques._internal.lean_hooks import _ConditionalHook
 from lightning_techniques.demo import DeepMLP, DigitsCNN, DigitsDataModule
-from lightning_techniques.mechanisms import LeanHooks
+from lightning_techniques.mechanisms import LeanHooks, needed_while
 
 
 def same_optimizer(model: Any) -> OptimizerCallback:
@@ -105,6 +107,32 @@ STEP_HOOKS = ("on_train_batch_start", "on_before_zero_grad", "on_before_backward
               "on_before_optimizer_step", "on_train_batch_end", "_transform")  # _transform: the batch transforms
 
 
+def wrap_step_hooks(callback: Callback, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> Callback:
+    """Wrap the per-step hooks ``callback``'s class implements with ``wrap(function)``, dispatched by Lightning exactly
+    as before: the wrapped hooks go on a subclass made for this one instance (same name and qualified name, so the
+    same state key), and a hook Lightning calls only while it has work (``needed_while``) stays so; an instance
+    attribute would be called on every step. The batch transform ``_transform`` (taken from the instance at setup)
+    is wrapped on the instance."""
+    cls = type(callback)
+    namespace: dict[str, Any] = {}
+    for name in STEP_HOOKS:
+        if name == "_transform":
+            method = getattr(callback, name, None)
+            if method is not None:
+                setattr(callback, name, wrap(method))
+            continue
+        if getattr(cls, name, None) is getattr(Callback, name, None):
+            continue  # not implemented: skipped by Lightning (LeanHooks) or Callback's no-op
+        static = inspect.getattr_static(cls, name)
+        wrapped = wrap(getattr(cls, name))
+        namespace[name] = needed_while(static.predicate)(wrapped) if isinstance(static, _ConditionalHook) else wrapped
+    if namespace:
+        sub = type(cls.__name__, (cls,), namespace)
+        sub.__qualname__, sub.__module__ = cls.__qualname__, cls.__module__
+        callback.__class__ = sub
+    return callback
+
+
 class CPUStepTimer(Callback):
     """Batch-end to batch-end intervals in main-thread CPU time and in wall time (none across an epoch start), and
     the CPU time spent inside the techniques' own per-step hooks and batch transforms in each interval."""
@@ -117,22 +145,19 @@ class CPUStepTimer(Callback):
         self._last: tuple[float, float] | None = None
 
     def instrument(self, callback: Callback) -> Callback:
-        """Time ``callback``'s per-step hooks (instance attributes shadow the methods; Lightning looks them up with
-        ``getattr``, and the batch-transform mechanism takes ``_transform`` from the instance at setup)."""
-        for name in STEP_HOOKS:
-            method = getattr(callback, name, None)
-            if method is None or getattr(type(callback), name, None) is getattr(Callback, name, None):
-                continue  # not overridden: Lightning's no-op
+        """Time ``callback``'s per-step hooks and batch transform (see :func:`wrap_step_hooks`)."""
 
-            def timed(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+        def timed(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*args: Any, **kwargs: Any) -> Any:
                 start = time.thread_time()
                 try:
-                    return _method(*args, **kwargs)
+                    return fn(*args, **kwargs)
                 finally:
                     self._in_hooks += time.thread_time() - start
 
-            setattr(callback, name, timed)
-        return callback
+            return call
+
+        return wrap_step_hooks(callback, timed)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._last = None
@@ -173,21 +198,18 @@ class WorkCounter(Callback):
         self.profiler: DispatchCounter | None = None
 
     def instrument(self, callback: Callback) -> Callback:
-        for name in STEP_HOOKS:
-            method = getattr(callback, name, None)
-            if method is None or getattr(type(callback), name, None) is getattr(Callback, name, None):
-                continue
-
-            def counted(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+        def counted(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*args: Any, **kwargs: Any) -> Any:
                 self._active += 1
                 try:
                     with _CountOps(self):
-                        return _method(*args, **kwargs)
+                        return fn(*args, **kwargs)
                 finally:
                     self._active -= 1
 
-            setattr(callback, name, counted)
-        return callback
+            return call
+
+        return wrap_step_hooks(callback, counted)
 
     def patch_host_reads(self) -> list[tuple[str, Any]]:
         """Count the host reads made while a hook runs; returns what to put back (``restore_host_reads``)."""

@@ -145,3 +145,14 @@ def test_a_hook_needed_only_while_a_condition_holds_is_dispatched_only_then() ->
     guard.on_before_backward(None, None, loss)
     assert len(guard._losses) == 1
     assert type(guard).on_before_backward.__name__ == "on_before_backward"
+
+
+def test_the_issue_14_stack_makes_six_hook_calls_per_step() -> None:
+    """The 11 per-step techniques of ``benchmarks/overhead.py`` stacked: Lightning dispatches 6 hook calls to them per
+    training step (66 without LeanHooks / needed_while: 11 callbacks x 6 per-batch training hooks), counted by the
+    Trainer's profiler, deterministic."""
+    from benchmarks.overhead import STACKED, TECHNIQUES, NoOpCallback, count_work
+
+    model = lambda: DigitsCNN(channels=4)  # noqa: E731
+    assert count_work(model, [NoOpCallback] * 11)[2] == 66
+    assert count_work(model, [TECHNIQUES[name] for name in STACKED])[2] == 6

@@ -156,3 +156,36 @@ def test_the_issue_14_stack_makes_six_hook_calls_per_step() -> None:
     model = lambda: DigitsCNN(channels=4)  # noqa: E731
     assert count_work(model, [NoOpCallback] * 11)[2] == 66
     assert count_work(model, [TECHNIQUES[name] for name in STACKED])[2] == 6
+
+
+def test_the_mechanism_bases_and_the_run_clean_up_skip_unimplemented_hooks_too() -> None:
+    """Not registry entries, so checked here: the bases the techniques build on, and ``MechanismCleanup`` - which the
+    mechanisms append to every run's callbacks - have the mixin; the clean-up is dispatched no per-batch hook and still
+    undoes the run's batch transform at teardown."""
+    from lightning_techniques._internal.batch_transforms import BatchTransformCallback
+    from lightning_techniques._internal.eval_stages import EvaluationCallback
+    from lightning_techniques._internal.patching import MechanismCleanup, patch_layers
+    from lightning_techniques._internal.sampling import SteeringCallback
+
+    for base in (MechanismCleanup, SteeringCallback, BatchTransformCallback, EvaluationCallback):
+        assert issubclass(base, LeanHooks) and base.__mro__.index(LeanHooks) < base.__mro__.index(Callback)
+    assert set(skipped_hooks(MechanismCleanup())) == set(PER_BATCH_HOOKS)
+    datamodule = DigitsDataModule(batch_size=16)
+    layers_during_fit: list[int] = []
+
+    class Probe(Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            layers_during_fit.append(patch_layers(datamodule, "on_after_batch_transfer"))
+
+    profiler = SimpleProfiler()
+    trainer = L.Trainer(max_steps=3, limit_val_batches=0,
+                        callbacks=[lt.ZScoreNormalization(), lt.Oversampling(), Probe()],
+                        profiler=profiler, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(DigitsCNN(channels=4), datamodule=datamodule)
+    cleanup_hooks = _dispatched(profiler, "MechanismCleanup")
+    assert "teardown" in cleanup_hooks and not cleanup_hooks & set(PER_BATCH_HOOKS)
+    assert layers_during_fit == [1, 1, 1]  # the Z-score transform was installed for the run ...
+    assert patch_layers(datamodule, "on_after_batch_transfer") == 0  # ... and undone at its end
+    assert not _dispatched(profiler, "Oversampling") & set(PER_BATCH_HOOKS) - {
+        h for h in PER_BATCH_HOOKS if _implemented(lt.Oversampling, h)}

@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from lightning_techniques._internal.step_logging import (
@@ -70,6 +71,93 @@ def test_epoch_bounded_run_logs_its_last_batch(trainer_kwargs: dict) -> None:
 def test_log_every_n_steps_zero_switches_step_logging_off(trainer_kwargs: dict) -> None:
     trainer, rec = _fit(trainer_kwargs, max_steps=3, log_every_n_steps=0, limit_val_batches=0)
     assert rec.logged == [] and "probe/batches" not in trainer.callback_metrics
+
+
+class _RecordingLogger(Logger):
+    """Records every ``log_metrics`` call as ``(step, metrics)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int | None, dict[str, float]]] = []
+        self.saves = 0
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+    def save(self) -> None:
+        self.saves += 1
+
+    def steps_of(self, key: str) -> list[tuple[int | None, float]]:
+        return [(step, metrics[key]) for step, metrics in self.calls if key in metrics]
+
+
+class _SideBySide(Callback):
+    """Logs the same value through ``pl_module.log`` (``ref/x``) and through ``log_step_metrics`` (``probe/x``), and
+    counts the ``pl_module.log`` calls the latter makes."""
+
+    def __init__(self) -> None:
+        self.log_calls_for_probe = 0
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        original = pl_module.log
+
+        def counting(name: str, *args: Any, **kwargs: Any) -> Any:
+            self.log_calls_for_probe += name.startswith("probe/")
+            return original(name, *args, **kwargs)
+
+        pl_module.log = counting
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        del pl_module.log
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        value = 0.5 + trainer.global_step
+        pl_module.log("ref/x", value, on_step=True, on_epoch=False)
+        log_step_metrics(pl_module, {"probe/x": value})
+
+
+def test_step_metrics_reach_what_pl_module_log_reaches_without_calling_it(trainer_kwargs: dict) -> None:
+    # LightningModule.log costs ~0.3-0.5 ms per key: log_step_metrics writes the same places directly
+    logger = _RecordingLogger()
+    side = _SideBySide()
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(callbacks=[side], max_steps=7, log_every_n_steps=3, limit_val_batches=0,
+                        **{**trainer_kwargs, "logger": logger})
+    trainer.fit(DigitsCNN(channels=4), datamodule=DigitsDataModule(batch_size=64))
+    assert side.log_calls_for_probe == 0
+    # the loggers: the same steps and values as Lightning writes for pl_module.log (the cadence steps)
+    assert logger.steps_of("probe/x") == logger.steps_of("ref/x") == [(2, 2.5), (5, 5.5)]
+    assert logger.saves >= 2
+    # the run's last batch (off the cadence) reaches the callback metrics, as pl_module.log's value does
+    ref, probe = trainer.callback_metrics["ref/x"], trainer.callback_metrics["probe/x"]
+    assert float(probe) == float(ref) == 6.5 and probe.dtype == ref.dtype and probe.shape == ref.shape == ()
+    assert float(trainer.logged_metrics["probe/x"]) == 6.5
+
+
+def test_step_metrics_fall_back_to_pl_module_log(trainer_kwargs: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a Lightning that keeps its metrics elsewhere: the values still arrive, through pl_module.log
+    from lightning_techniques._internal import compat
+
+    monkeypatch.setattr(compat, "step_metric_stores", lambda trainer: None)
+    logger = _RecordingLogger()
+    side = _SideBySide()
+    trainer = L.Trainer(callbacks=[side], max_steps=4, log_every_n_steps=2, limit_val_batches=0,
+                        **{**trainer_kwargs, "logger": logger})
+    trainer.fit(DigitsCNN(channels=4), datamodule=DigitsDataModule(batch_size=64))
+    assert side.log_calls_for_probe == 2  # batches 2 and 4: the cadence (4 is also the last)
+    assert logger.steps_of("probe/x") == logger.steps_of("ref/x")
+    assert float(trainer.callback_metrics["probe/x"]) == 3.5
 
 
 def test_without_a_trainer_nothing_is_logged() -> None:

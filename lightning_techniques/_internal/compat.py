@@ -42,6 +42,22 @@ def _callback_dispatch_code() -> Any:
 CALLBACK_DISPATCH_CODE = _callback_dispatch_code()
 
 
+# ------------------------------------------------------------------------------------------------ step metrics
+def step_metric_stores(trainer: Any) -> tuple[dict, dict, int] | None:
+    """``(callback metrics, logged metrics, step)`` of ``trainer``'s logger connector: the dictionaries behind
+    ``trainer.callback_metrics`` / ``trainer.logged_metrics`` (the properties merge the result collection into them
+    and return them; ``reset_metrics`` replaces them at the start of a run) and the step Lightning logs the current
+    training batch's step metrics at (``_batches_that_stepped``, which the fit loop increments only after it wrote
+    them). None when this Lightning keeps them elsewhere (then the caller falls back to ``LightningModule.log``)."""
+    connector = getattr(trainer, "_logger_connector", None)
+    callback = getattr(connector, "_callback_metrics", None)
+    logged = getattr(connector, "_logged_metrics", None)
+    step = getattr(getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None), "_batches_that_stepped", None)
+    if not isinstance(callback, dict) or not isinstance(logged, dict) or not isinstance(step, int):
+        return None
+    return callback, logged, step
+
+
 # --------------------------------------------------------------------------------------------------- strategies
 def is_deepspeed(strategy: Strategy | Any) -> bool:
     """True for Lightning's ``DeepSpeedStrategy`` (and subclasses)."""

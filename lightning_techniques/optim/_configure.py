@@ -27,6 +27,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from lightning_techniques._internal.compat import parse_optimizer_config, trainer_of
 from lightning_techniques._internal.patching import MethodPatch, undo_at_run_end
+from lightning_techniques._internal.step_logging import write_step_metrics
 
 OptimizerProvider = Callable[[nn.Module], Any]
 SchedulerProvider = Callable[[nn.Module, list], list]
@@ -128,9 +129,10 @@ def unregister(module: nn.Module, owner: Any) -> None:
 
 
 def log_learning_rates(pl_module: Any, optimizers: list, prefix: str = "lr") -> dict[str, float]:
-    """Log ``<prefix>-<group>`` for every parameter group (its ``"name"`` or ``pg<i>``) through ``pl_module.log``.
+    """Log ``<prefix>-<group>`` for every parameter group (its ``"name"`` or ``pg<i>``) as this training batch's step
+    metrics (``step_logging.write_step_metrics``: where ``pl_module.log`` would put them, without its cost).
 
-    Allowed from a callback's ``on_train_batch_end``; the value is the same on every rank, so no sync is needed.
+    Called from a callback's training-batch hooks; the value is the same on every rank, so no sync is needed.
     With several optimizers the names get the optimizer index: ``lr-<i>-<group>``.
     """
     values: dict[str, float] = {}
@@ -139,8 +141,5 @@ def log_learning_rates(pl_module: Any, optimizers: list, prefix: str = "lr") -> 
             name = group.get("name") or f"pg{j}"
             key = f"{prefix}-{name}" if len(optimizers) == 1 else f"{prefix}-{i}-{name}"
             values[key] = float(group["lr"])
-    trainer = trainer_of(pl_module)
-    has_logger = bool(getattr(trainer, "loggers", None))  # still in callback_metrics without one, minus the warning
-    for key, value in values.items():
-        pl_module.log(key, value, on_step=True, on_epoch=False, prog_bar=False, logger=has_logger)
+    write_step_metrics(trainer_of(pl_module), pl_module, values)
     return values

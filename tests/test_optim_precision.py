@@ -142,6 +142,25 @@ def test_fp16_scale_and_skips_are_logged(tmp_path: Path, trainer_kwargs: dict) -
     logged = {int(r["step"]): (float(r["amp/loss_scale"]), float(r["amp/skipped_step"]))
               for r in rows if r.get("amp/loss_scale")}
     assert logged == {0: (1024.0, 0.0), 1: (512.0, 1.0), 2: (512.0, 0.0)}
+    # and, like every technique's step metrics, in the callback metrics (monitorable)
+    assert float(trainer.callback_metrics["amp/loss_scale"]) == 512.0
+    assert float(trainer.callback_metrics["amp/skipped_step"]) == 0.0
+
+
+def test_fp16_skips_are_logged_off_the_cadence(tmp_path: Path, trainer_kwargs: dict) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    plugin = SmartMixedPrecision("16-mixed", device="cpu", init_scale=1024.0)
+    kwargs = dict(trainer_kwargs, logger=CSVLogger(tmp_path, name="amp"), log_every_n_steps=50)
+    trainer, _ = _fit(plugin, kwargs, [Poison({1})], steps=4)
+    import csv
+
+    rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
+    logged = {int(r["step"]): (float(r["amp/loss_scale"]), float(r["amp/skipped_step"]))
+              for r in rows if r.get("amp/loss_scale")}
+    assert logged == {1: (512.0, 1.0)}  # the skip gets its own row; the cadence (50) is not reached
+    # the run's last step (off the cadence) still reaches the callback metrics, as for every technique
+    assert float(trainer.callback_metrics["amp/skipped_step"]) == 0.0
 
 
 def test_log_false_logs_nothing_and_still_records(tmp_path: Path, trainer_kwargs: dict) -> None:

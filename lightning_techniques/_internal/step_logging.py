@@ -79,7 +79,8 @@ def log_step_metrics(
     return True
 
 
-def write_step_metrics(trainer: Any, pl_module: Any, values: Mapping[str, float | Tensor]) -> None:
+def write_step_metrics(trainer: Any, pl_module: Any, values: Mapping[str, float | Tensor],
+                       to_loggers: bool | None = None) -> None:
     """Publish ``values`` (scalars: floats or one-element tensors) as this training batch's step metrics, now.
 
     ``LightningModule.log`` costs ~0.3-0.5 ms of CPU per key (its result collection moves and checks the metric
@@ -89,7 +90,8 @@ def write_step_metrics(trainer: Any, pl_module: Any, values: Mapping[str, float 
     ``trainer.callback_metrics`` (and ``trainer.logged_metrics`` when a logger is attached), and, on the batches where
     Lightning writes its step metrics to the loggers, the floats to each logger's ``log_metrics`` at the step it uses
     for them, then ``logger.save()``, as Lightning's logger connector does. Falls back to ``pl_module.log`` when this Lightning keeps its metrics
-    elsewhere (``compat.step_metric_stores``)."""
+    elsewhere (``compat.step_metric_stores``). ``to_loggers=True`` writes to the loggers on this batch whatever the
+    cadence (an event worth a row of its own, e.g. a step the GradScaler skipped)."""
     stores = compat.step_metric_stores(trainer)
     loggers = list(getattr(trainer, "loggers", None) or ())
     if stores is None:
@@ -104,7 +106,7 @@ def write_step_metrics(trainer: Any, pl_module: Any, values: Mapping[str, float 
     if not loggers:
         return
     logged.update(tensors)
-    if not _lightning_writes_step_logs(trainer, step):
+    if not (to_loggers or _lightning_writes_step_logs(trainer, step)):
         return  # e.g. the run's last batch off the cadence: Lightning would not write it to the loggers either
     scalars = {key: float(value) for key, value in tensors.items()}
     for logger in loggers:

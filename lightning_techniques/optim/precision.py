@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_techniques._internal.patching import MethodPatch
-from lightning_techniques._internal.step_logging import check_log_flag
+from lightning_techniques._internal.step_logging import check_log_flag, should_log_step, write_step_metrics
 from lightning_techniques._internal.validation import check_choice, check_positive
 from lightning_techniques.optim.guard import MAX_RECORDED_STEPS, NonFiniteTrainingError
 
@@ -92,8 +92,9 @@ class SmartMixedPrecision(MixedPrecision):
       that step (it lowers the scale exactly when it found Inf/NaN and skipped). ``scale_history`` (``(global_step,
       scale)`` after each update, the last ``history_size``), ``skipped_steps`` (the last 1000 skipped global steps),
       ``skipped_total`` and ``consecutive_skips`` are kept (and checkpointed, bounded however long the run); the scale
-      and a skip flag are logged to the Trainer's loggers (``amp/loss_scale``, ``amp/skipped_step``) at every skip
-      and every ``log_every_n_steps``. ``max_consecutive_skips`` stops the run (``on_limit``) after that many skips
+      and a skip flag (``amp/loss_scale``, ``amp/skipped_step``) are logged at every skip and at the Trainer's
+      ``log_every_n_steps`` cadence (and the run's last step), to ``trainer.callback_metrics`` and the loggers, as
+      the other techniques' step metrics. ``max_consecutive_skips`` stops the run (``on_limit``) after that many skips
       in a row - a scale collapsing towards 0 means the model produces Inf/NaN in any precision.
 
     Args:
@@ -104,8 +105,7 @@ class SmartMixedPrecision(MixedPrecision):
         on_limit: ``"raise"`` (a :class:`NonFiniteTrainingError`) or ``"stop"`` (graceful ``trainer.should_stop``).
         init_scale, growth_interval: GradScaler settings (``16-mixed`` only).
         history_size: how many ``(step, scale)`` entries ``scale_history`` keeps (the most recent; default 10,000).
-        log: log ``amp/loss_scale`` and ``amp/skipped_step`` to the loggers (``False``: log nothing; the history is
-            still kept).
+        log: log ``amp/loss_scale`` and ``amp/skipped_step`` (``False``: log nothing; the history is still kept).
 
     Example::
 
@@ -238,18 +238,16 @@ class SmartMixedPrecision(MixedPrecision):
         else:
             self.consecutive_skips = 0
         if trainer is not None:
-            self._log(trainer, step, after, skipped)
+            self._log(trainer, model, after, skipped)
             self._check_limit(trainer)
         return output
 
-    def _log(self, trainer: Any, step: int, scale: float, skipped: bool) -> None:
-        if not self._log_enabled:
+    def _log(self, trainer: Any, model: Any, scale: float, skipped: bool) -> None:
+        # at the cadence every technique logs at, and on every step the scaler skipped (to the loggers too)
+        if not self._log_enabled or not (skipped or should_log_step(trainer)):
             return
-        every = max(int(getattr(trainer, "log_every_n_steps", 50) or 1), 1)
-        if not skipped and (step + 1) % every != 0:
-            return
-        for logger in trainer.loggers:
-            logger.log_metrics({"amp/loss_scale": scale, "amp/skipped_step": float(skipped)}, step=step)
+        write_step_metrics(trainer, model, {"amp/loss_scale": scale, "amp/skipped_step": float(skipped)},
+                           to_loggers=True if skipped else None)
 
     def _check_limit(self, trainer: Any) -> None:
         limit = self.max_consecutive_skips

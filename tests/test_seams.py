@@ -361,6 +361,26 @@ def test_compat_train_data_helpers() -> None:
     assert compat.count_train_batches(trainer) == 4  # after fit: the loop's own count
 
 
+def test_compat_step_metric_stores_are_the_trainers_metric_dicts() -> None:
+    seen: dict[str, Any] = {}
+
+    class Probe(Callback):
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            stores = compat.step_metric_stores(trainer)
+            assert stores is not None
+            seen.setdefault("steps", []).append(stores[2])
+            seen.setdefault("same", []).append(
+                trainer.callback_metrics is stores[0] and trainer.logged_metrics is stores[1])
+            stores[0]["seam/x"] = torch.tensor(1.0)
+
+    trainer = L.Trainer(max_steps=3, callbacks=[Probe()], **_quiet())
+    trainer.fit(_Tiny(), train_dataloaders=_index_loader())
+    assert seen["steps"] == [0, 1, 2]  # the step Lightning logs each batch's step metrics at
+    assert seen["same"] == [True] * 3  # the dictionaries behind trainer.callback_metrics / logged_metrics
+    assert float(trainer.callback_metrics["seam/x"]) == 1.0  # kept after fit (Lightning moves them to the CPU)
+    assert compat.step_metric_stores(object()) is None  # anything else: the callers fall back to pl_module.log
+
+
 def test_compat_update_dataloader_and_optimizer_parsing() -> None:
     loader = _index_loader()
     sampler = torch.utils.data.SequentialSampler(loader.dataset)

@@ -1,7 +1,7 @@
 """Per-step scalar logging at the Trainer's ``log_every_n_steps`` cadence, shared by every step-wise technique.
 
-A callback's ``pl_module.log`` call costs ~0.3-0.5 ms of CPU per key (Lightning's result collection), so a technique
-that logs a scalar on every training step slows small models down measurably. Lightning itself only *writes* step
+A callback's ``pl_module.log`` call costs ~0.2 ms of CPU per key (Lightning's result collection), so a technique that
+logs a scalar on every training step slows small models down measurably. Lightning itself only *writes* step
 metrics to the loggers every ``log_every_n_steps`` stepping batches; :func:`should_log_step` is that same test, plus
 the run's last training batch (so ``trainer.callback_metrics`` holds the final values after ``fit`` even for runs
 shorter than the cadence). ``Trainer(log_every_n_steps=0)`` switches step logging off. On those steps
@@ -83,15 +83,15 @@ def write_step_metrics(trainer: Any, pl_module: Any, values: Mapping[str, float 
                        to_loggers: bool | None = None) -> None:
     """Publish ``values`` (scalars: floats or one-element tensors) as this training batch's step metrics, now.
 
-    ``LightningModule.log`` costs ~0.3-0.5 ms of CPU per key (its result collection moves and checks the metric
-    object on every call: measured on lightning 2.6, ``benchmarks/overhead.py``), so a run stacking a dozen techniques
-    paid several milliseconds on every logging step. This writes what that call would make visible, directly, as
-    Lightning's own ``LearningRateMonitor`` writes to the loggers: a 0-d tensor per key into
-    ``trainer.callback_metrics`` (and ``trainer.logged_metrics`` when a logger is attached), and, on the batches where
-    Lightning writes its step metrics to the loggers, the floats to each logger's ``log_metrics`` at the step it uses
-    for them, then ``logger.save()``, as Lightning's logger connector does. Falls back to ``pl_module.log`` when this Lightning keeps its metrics
-    elsewhere (``compat.step_metric_stores``). ``to_loggers=True`` writes to the loggers on this batch whatever the
-    cadence (an event worth a row of its own, e.g. a step the GradScaler skipped)."""
+    ``LightningModule.log`` costs ~0.2 ms of CPU per key (its result collection moves and checks the metric object on
+    every call: lightning 2.6, the logging table of ``benchmarks/overhead.py``), so a run stacking a dozen techniques
+    paid milliseconds on every logging step. This writes what that call would make visible, directly, as Lightning's
+    own ``LearningRateMonitor`` writes to the loggers: a 0-d tensor per key into ``trainer.callback_metrics`` (and
+    ``trainer.logged_metrics`` when a logger is attached), and, on the batches where Lightning writes its step
+    metrics to the loggers, the floats to each logger's ``log_metrics`` at the step it uses for them, then
+    ``logger.save()``, as Lightning's logger connector does. Falls back to ``pl_module.log`` when this Lightning
+    keeps its metrics elsewhere (``compat.step_metric_stores``). ``to_loggers=True`` writes to the loggers on this
+    batch whatever the cadence (an event worth a row of its own, e.g. a step the GradScaler skipped)."""
     stores = compat.step_metric_stores(trainer)
     loggers = list(getattr(trainer, "loggers", None) or ())
     if stores is None:

@@ -130,17 +130,23 @@ def test_fp16_scaler_skips_are_recorded_and_weights_kept(trainer_kwargs: dict) -
     assert all(torch.isfinite(v).all() for v in model.state_dict().values())
 
 
-def test_fp16_scale_and_skips_are_logged(tmp_path: Path, trainer_kwargs: dict) -> None:
+def _amp_rows(tmp_path: Path, trainer_kwargs: dict, every: int, steps: int) -> tuple[L.Trainer, dict]:
+    """A 16-mixed run whose step 1 is poisoned, logged to a CSVLogger every ``every`` steps: the trainer and the
+    ``{step: (amp/loss_scale, amp/skipped_step)}`` rows of its metrics file."""
+    import csv
+
     from lightning.pytorch.loggers import CSVLogger
 
     plugin = SmartMixedPrecision("16-mixed", device="cpu", init_scale=1024.0)
-    kwargs = dict(trainer_kwargs, logger=CSVLogger(tmp_path, name="amp"), log_every_n_steps=1)
-    trainer, _ = _fit(plugin, kwargs, [Poison({1})], steps=3)
-    import csv
-
+    kwargs = dict(trainer_kwargs, logger=CSVLogger(tmp_path, name="amp"), log_every_n_steps=every)
+    trainer, _ = _fit(plugin, kwargs, [Poison({1})], steps=steps)
     rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
-    logged = {int(r["step"]): (float(r["amp/loss_scale"]), float(r["amp/skipped_step"]))
-              for r in rows if r.get("amp/loss_scale")}
+    return trainer, {int(r["step"]): (float(r["amp/loss_scale"]), float(r["amp/skipped_step"]))
+                     for r in rows if r.get("amp/loss_scale")}
+
+
+def test_fp16_scale_and_skips_are_logged(tmp_path: Path, trainer_kwargs: dict) -> None:
+    trainer, logged = _amp_rows(tmp_path, trainer_kwargs, every=1, steps=3)
     assert logged == {0: (1024.0, 0.0), 1: (512.0, 1.0), 2: (512.0, 0.0)}
     # and, like every technique's step metrics, in the callback metrics (monitorable)
     assert float(trainer.callback_metrics["amp/loss_scale"]) == 512.0
@@ -148,16 +154,7 @@ def test_fp16_scale_and_skips_are_logged(tmp_path: Path, trainer_kwargs: dict) -
 
 
 def test_fp16_skips_are_logged_off_the_cadence(tmp_path: Path, trainer_kwargs: dict) -> None:
-    from lightning.pytorch.loggers import CSVLogger
-
-    plugin = SmartMixedPrecision("16-mixed", device="cpu", init_scale=1024.0)
-    kwargs = dict(trainer_kwargs, logger=CSVLogger(tmp_path, name="amp"), log_every_n_steps=50)
-    trainer, _ = _fit(plugin, kwargs, [Poison({1})], steps=4)
-    import csv
-
-    rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
-    logged = {int(r["step"]): (float(r["amp/loss_scale"]), float(r["amp/skipped_step"]))
-              for r in rows if r.get("amp/loss_scale")}
+    trainer, logged = _amp_rows(tmp_path, trainer_kwargs, every=50, steps=4)
     assert logged == {1: (512.0, 1.0)}  # the skip gets its own row; the cadence (50) is not reached
     # the run's last step (off the cadence) still reaches the callback metrics, as for every technique
     assert float(trainer.callback_metrics["amp/skipped_step"]) == 0.0

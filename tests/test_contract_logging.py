@@ -48,12 +48,15 @@ def _ids(entries: list[Technique]) -> list[str]:
 
 
 class RecordingLogger(Logger):
-    """A logger that records the metric keys it receives (``log_metrics``) and nothing else."""
+    """A logger that records what it receives - every ``log_metrics`` call as ``(step, metrics)``, the metric keys,
+    the ``save`` calls - and nothing else."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path | str = ".") -> None:
         super().__init__()
         self._root = str(root)
         self.keys: set[str] = set()
+        self.calls: list[tuple[int | None, dict[str, float]]] = []
+        self.saves = 0
 
     @property
     def name(self) -> str:
@@ -76,6 +79,14 @@ class RecordingLogger(Logger):
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.keys.update(metrics)
+        self.calls.append((step, dict(metrics)))
+
+    def save(self) -> None:
+        self.saves += 1
+
+    def steps_of(self, key: str) -> list[tuple[int | None, float]]:
+        """``(step, value)`` of every call that carried ``key``."""
+        return [(step, metrics[key]) for step, metrics in self.calls if key in metrics]
 
 
 def _run(entry: Technique, technique: bool, tmp_path: Path, **switch: Any) -> set[str]:

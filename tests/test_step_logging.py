@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger
+from test_contract_logging import RecordingLogger
 from torch import nn
 
 from lightning_techniques._internal.step_logging import (
@@ -73,35 +73,6 @@ def test_log_every_n_steps_zero_switches_step_logging_off(trainer_kwargs: dict) 
     assert rec.logged == [] and "probe/batches" not in trainer.callback_metrics
 
 
-class _RecordingLogger(Logger):
-    """Records every ``log_metrics`` call as ``(step, metrics)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[int | None, dict[str, float]]] = []
-        self.saves = 0
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> str:
-        return "0"
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.calls.append((step, dict(metrics)))
-
-    def save(self) -> None:
-        self.saves += 1
-
-    def steps_of(self, key: str) -> list[tuple[int | None, float]]:
-        return [(step, metrics[key]) for step, metrics in self.calls if key in metrics]
-
-
 class _SideBySide(Callback):
     """Logs the same value through ``pl_module.log`` (``ref/x``) and through ``log_step_metrics`` (``probe/x``), and
     counts the ``pl_module.log`` calls the latter makes."""
@@ -129,7 +100,7 @@ class _SideBySide(Callback):
 
 def test_step_metrics_reach_what_pl_module_log_reaches_without_calling_it(trainer_kwargs: dict) -> None:
     # LightningModule.log costs ~0.2 ms of CPU per key: log_step_metrics writes the same places directly
-    logger = _RecordingLogger()
+    logger = RecordingLogger()
     side = _SideBySide()
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(callbacks=[side], max_steps=7, log_every_n_steps=3, limit_val_batches=0,
@@ -150,7 +121,7 @@ def test_step_metrics_fall_back_to_pl_module_log(trainer_kwargs: dict, monkeypat
     from lightning_techniques._internal import compat
 
     monkeypatch.setattr(compat, "step_metric_stores", lambda trainer: None)
-    logger = _RecordingLogger()
+    logger = RecordingLogger()
     side = _SideBySide()
     trainer = L.Trainer(callbacks=[side], max_steps=4, log_every_n_steps=2, limit_val_batches=0,
                         **{**trainer_kwargs, "logger": logger})

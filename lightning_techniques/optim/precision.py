@@ -247,7 +247,7 @@ class SmartMixedPrecision(MixedPrecision):
         if not self._log_enabled or not (skipped or should_log_step(trainer)):
             return
         write_step_metrics(trainer, model, {"amp/loss_scale": scale, "amp/skipped_step": float(skipped)},
-                           to_loggers=True if skipped else None)
+                           to_loggers=skipped)
 
     def _check_limit(self, trainer: Any) -> None:
         limit = self.max_consecutive_skips

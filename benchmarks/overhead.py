@@ -6,9 +6,10 @@ tiny MLP (digits, batch 64), measured as main-thread CPU time per step beside wa
 Each variant is one ``fit`` of ``--epochs`` epochs (~20 training steps each, 2 validation batches per epoch); the
 step time is the interval from one ``on_train_batch_end`` to the next (data loading, batch transfer and transforms,
 forward, backward, optimizer step and every callback hook; the first batch of each epoch, and with it LSUV's one-off
-initialisation, has no interval), in main-thread CPU time (``time.thread_time``: what the Python process itself
+initialisation, has no interval), in CPU time of the fit's thread (``time.thread_time``: what the Python process itself
 spends, insensitive to other processes' load) and in wall time. Every variant run is paired with a bare-Trainer run
-right beside it (``runner.paired_with_baseline``, order alternating); the headline ratio is the median over the
+in lockstep (``runner.paired_in_lockstep``: two threads of the process, pinned to one CPU, take turns one training
+step at a time; which starts alternates); the headline ratio is the median over the
 rounds of (25th percentile of the variant run's step times) / (the same of its bare partner): a slow phase of the
 shared machine longer than one pair slows both alike, and disturbances only ever add time to a step, so a low
 quantile estimates the undisturbed step while a technique's own cost, paid on every step, shifts the whole
@@ -46,7 +47,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.profilers import PassThroughProfiler
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.runner import markdown_table, paired_with_baseline, quiet_trainer, record
+from benchmarks.runner import Lockstep, markdown_table, paired_in_lockstep, pin_to_one_cpu, quiet_trainer, record
 from lightning_techniques import (
     AccumulationScheduler,
     AdaptiveGradientClipping,
@@ -137,12 +138,13 @@ class CPUStepTimer(Callback):
     """Batch-end to batch-end intervals in main-thread CPU time and in wall time (none across an epoch start), and
     the CPU time spent inside the techniques' own per-step hooks and batch transforms in each interval."""
 
-    def __init__(self) -> None:
+    def __init__(self, turns: tuple[Lockstep, int] | None = None) -> None:
         self.cpu: list[float] = []
         self.wall: list[float] = []
         self.hooks: list[float] = []
         self._in_hooks = 0.0
         self._last: tuple[float, float] | None = None
+        self._turns = turns  # (lockstep, this fit's index): hand over to the paired fit after every batch
 
     def instrument(self, callback: Callback) -> Callback:
         """Time ``callback``'s per-step hooks and batch transform (see :func:`wrap_step_hooks`)."""
@@ -169,6 +171,9 @@ class CPUStepTimer(Callback):
             self.wall.append(now[1] - self._last[1])
             self.hooks.append(self._in_hooks)
         self._in_hooks = 0.0
+        if self._turns is not None:  # the paired fit's step (waiting costs no CPU time; the wall clock restarts)
+            self._turns[0].hand_over(self._turns[1])
+            now = (time.thread_time(), time.perf_counter())
         self._last = now
 
 
@@ -327,9 +332,9 @@ def variants() -> dict[str, list[Callable[[Any], Callback]]]:
 
 
 def run_once(make_model: Callable[[], L.LightningModule], makers: list[Callable[[Any], Callback]],
-             epochs: int) -> dict[str, Any]:
+             epochs: int, turns: tuple[Lockstep, int] | None = None) -> dict[str, Any]:
     L.seed_everything(0, verbose=False)
-    timer = CPUStepTimer()
+    timer = CPUStepTimer(turns)
     model = make_model()
     callbacks = [timer.instrument(m(model)) for m in makers]
     trainer = quiet_trainer(max_epochs=epochs, limit_val_batches=2, callbacks=[timer] + callbacks)
@@ -534,15 +539,17 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(1)
+    cpu = pin_to_one_cpu()
     load_before = os.getloadavg()
     cpu_start, wall_start = time.process_time(), time.perf_counter()
     rows: list[dict[str, Any]] = []
     steps = {}
     for model_name, make_model in MODELS.items():
         run_once(make_model, [], 1)  # warm-up (imports, allocator)
-        calls = {name: (lambda makers=makers, make_model=make_model: run_once(make_model, makers, args.epochs))
+        calls = {name: (lambda lockstep, me, makers=makers, make_model=make_model:
+                        run_once(make_model, makers, args.epochs, (lockstep, me)))
                  for name, makers in variants().items()}
-        results = paired_with_baseline(calls, "bare Trainer", repeats=args.repeats)
+        results = paired_in_lockstep(calls, "bare Trainer", repeats=args.repeats)
         steps[model_name] = int(statistics.median(r["steps"] for r, _ in results["bare Trainer"]))
         rows.extend(step_table(model_name, results))
     micro = autoclip_rows()
@@ -575,16 +582,17 @@ def main() -> None:
     verdict.append("by own hooks: " + ("all <= 1.02x" if not over else "above 1.02x: " + ", ".join(over)))
     body = (
         f"Digits (batch 64), {args.epochs} epochs per fit ({', '.join(f'{m}: {s} step intervals' for m, s in steps.items())} "
-        f"per run), {args.repeats} rounds per model, each variant paired with a bare-Trainer run right beside it, "
+        f"per run), {args.repeats} rounds per model, each variant run in lockstep with a bare-Trainer run (two "
+        f"threads taking turns one training step at a time), the process pinned to one CPU ({cpu}), "
         "1 torch thread, no logger (`log_every_n_steps` default 50), every technique with default arguments. Stacked: "
         f"{', '.join(STACKED)}. Machine load (1/5/15-min averages) before: "
         f"{', '.join(f'{v:.2f}' for v in load_before)}; after: {', '.join(f'{v:.2f}' for v in load_after)} "
         f"(shared 2-core machine). Benchmark process: {cpu_total:.0f} s CPU, {wall_total:.0f} s wall.\n\n"
         "CPU = main-thread CPU time (`time.thread_time`) per step, the issue's measure. Headline: 'CPU ratio "
         "(paired)' = median over rounds of (25th percentile of the variant's step times in its run) / (the same in "
-        "the bare-Trainer run right before or after it): a slow phase of the shared machine longer than one pair "
-        "(~1 s) slows both alike, the median discards pairs a shorter one hit, the low percentile within a run skips "
-        "single disturbed steps; the A/A row (the bare Trainer paired with itself) shows the floor, the middle half "
+        "its bare-Trainer partner): the two runs' steps alternate ~10 ms apart on the same core, so a slow phase of "
+        "the shared machine slows both alike, the median discards pairs a disturbance hit unevenly, the low "
+        "percentile within a run skips single disturbed steps; the A/A row (the bare Trainer paired with itself) shows the floor, the middle half "
         "of the paired ratios their spread. The low percentile also leaves out what a technique does only now and then "
         "- the logging steps (every `log_every_n_steps` steps and the run's last: 2 of the 57 intervals here) -; "
         "'CPU ratio (paired, mean of all steps)' counts every step (median over rounds of mean / mean of the pair), "

@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -88,29 +89,95 @@ def side_by_side(variants: Mapping[str, Callable[[], Any]], repeats: int = 5) ->
     return results
 
 
-def paired_with_baseline(variants: Mapping[str, Callable[[], Any]], baseline: str,
-                         repeats: int = 5) -> dict[str, list[tuple[Any, Any]]]:
-    """Call every variant but ``baseline`` ``repeats`` times, each call right next to a call of ``baseline`` (its
-    pair: baseline first in even rounds, second in odd ones), the variants' order rotated each round; a garbage
-    collection precedes every call. A slow phase of a shared machine (a neighbour, a frequency change) lasting
-    longer than one pair then slows both members of a pair alike, so the ratio within a pair is what the variant
-    costs; the median over rounds discards the pairs a shorter disturbance hit. Returns
-    ``{name: [(variant result, its baseline result)]}``, the baseline itself paired with its own calls."""
+class Lockstep:
+    """Two fits in two threads of this process that take turns one training step at a time: a fit calls
+    :meth:`hand_over` at the end of each of its training batches and waits there until the other fit has done its
+    next one (a fit that has finished no longer waits for, or is waited for by, the other).
+
+    The two members of a pair then run their steps interleaved ~10 ms apart, so a slow phase of a shared machine
+    (another tenant's load, a frequency change) hits both alike, not just one whole run; combined with
+    :func:`pin_to_one_cpu` they also share one core (on a 2-vCPU VM the two vCPUs can differ by several percent).
+    Waiting costs no CPU time, so ``time.thread_time`` per step counts only a fit's own work."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._turn = 0
+        self._done = [False, False]
+
+    def _wait_for_turn(self, me: int) -> None:
+        while self._turn != me and not self._done[1 - me]:
+            self._cond.wait()
+
+    def hand_over(self, me: int) -> None:
+        """Called by fit ``me`` (0 or 1) at the end of a training batch: let the other fit run one, then return."""
+        with self._cond:
+            self._turn = 1 - me
+            self._cond.notify_all()
+            self._wait_for_turn(me)
+
+    def run(self, first: Callable[[Lockstep, int], Any], second: Callable[[Lockstep, int], Any]) -> tuple[Any, Any]:
+        """Run ``first(self, 0)`` and ``second(self, 1)`` in lockstep (``first`` starts); their results, in order.
+        An exception in either is raised here (after both have ended)."""
+        results: list[Any] = [None, None]
+        errors: list[BaseException] = []
+
+        def worker(me: int, fn: Callable[[Lockstep, int], Any]) -> None:
+            with self._cond:
+                self._wait_for_turn(me)
+            try:
+                results[me] = fn(self, me)
+            except BaseException as error:  # re-raised in the calling thread
+                errors.append(error)
+            finally:
+                with self._cond:
+                    self._done[me] = True
+                    self._turn = 1 - me
+                    self._cond.notify_all()
+
+        threads = [threading.Thread(target=worker, args=(i, fn)) for i, fn in enumerate((first, second))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return results[0], results[1]
+
+
+def paired_in_lockstep(variants: Mapping[str, Callable[[Lockstep, int], Any]], baseline: str,
+                       repeats: int = 5) -> dict[str, list[tuple[Any, Any]]]:
+    """Call every variant but ``baseline`` ``repeats`` times, each call in :class:`Lockstep` with a call of
+    ``baseline`` (their training steps interleaved one by one; the baseline starts first in even rounds, second in
+    odd ones), the variants' order rotated each round; a garbage collection precedes every pair. Every call gets
+    ``(lockstep, index)`` to hand to its step timer. A slow phase of a shared machine then slows both members of a
+    pair alike, so the ratio within a pair is what the variant costs; the median over rounds discards the pairs a
+    disturbance hit unevenly. Returns ``{name: [(variant result, its baseline result)]}``; the baseline's own entry
+    pairs each baseline run with itself."""
     import gc
 
     names = [name for name in variants if name != baseline]
-    results: dict[str, list[tuple[Any, Any]]] = {name: [] for name in variants}  # the variants' order, baseline too
+    results: dict[str, list[tuple[Any, Any]]] = {name: [] for name in variants}
     for round_index in range(repeats):
         shift = round_index % len(names) if names else 0
         for name in names[shift:] + names[:shift]:
-            calls = [baseline, name] if round_index % 2 == 0 else [name, baseline]
-            done = {}
-            for call in calls:
-                gc.collect()
-                done[call] = variants[call]()
-            results[name].append((done[name], done[baseline]))
-            results[baseline].append((done[baseline], done[baseline]))
+            gc.collect()
+            if round_index % 2 == 0:
+                base, variant = Lockstep().run(variants[baseline], variants[name])
+            else:
+                variant, base = Lockstep().run(variants[name], variants[baseline])
+            results[name].append((variant, base))
+            results[baseline].append((base, base))
     return results
+
+
+def pin_to_one_cpu() -> int | None:
+    """Restrict this process (and the threads it starts) to one of the CPUs it may use, the lowest; returns it
+    (None where the platform cannot pin)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cpu = min(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpu})
+    return cpu
 
 
 def median(values: list[float]) -> float:

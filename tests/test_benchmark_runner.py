@@ -1,32 +1,70 @@
-"""The benchmarks' round-robin helpers (timings themselves never enter a test): the paired design of
-``benchmarks/overhead.py`` puts every variant call right beside a baseline call, alternating which goes first."""
+"""The benchmarks' pairing helpers (timings themselves never enter a test): the paired design of
+``benchmarks/overhead.py`` runs every variant in lockstep with a baseline run, alternating which starts."""
 
 from __future__ import annotations
 
-from benchmarks.runner import paired_with_baseline
+import pytest
+
+from benchmarks.runner import Lockstep, paired_in_lockstep
 
 
-def test_every_variant_call_is_paired_with_an_adjacent_baseline_call_alternating_order() -> None:
-    log: list[str] = []
+def _stepper(log: list[tuple[str, int]], name: str, steps: int, fail_at: int | None = None):  # type: ignore[no-untyped-def]
+    """A stand-in fit: ``steps`` training steps, handing over after each (as ``CPUStepTimer`` does)."""
 
-    def call(name: str):  # type: ignore[no-untyped-def]
-        def run() -> tuple[str, int]:
-            log.append(name)
-            return name, len(log) - 1  # the position of the call
+    def fit(lockstep: Lockstep, me: int) -> str:
+        for step in range(steps):
+            if step == fail_at:
+                raise RuntimeError(f"{name} failed")
+            log.append((name, step))
+            lockstep.hand_over(me)
+        return name
 
-        return run
+    return fit
 
-    results = paired_with_baseline({"base": call("base"), "a": call("a"), "b": call("b")}, "base", repeats=3)
+
+def test_lockstep_interleaves_two_fits_step_by_step_and_lets_the_longer_one_finish_alone() -> None:
+    log: list[tuple[str, int]] = []
+    assert Lockstep().run(_stepper(log, "a", 3), _stepper(log, "b", 5)) == ("a", "b")
+    assert log == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2), ("b", 3), ("b", 4)]
+
+
+def test_lockstep_raises_a_fits_error_after_both_ended() -> None:
+    log: list[tuple[str, int]] = []
+    with pytest.raises(RuntimeError, match="b failed"):
+        Lockstep().run(_stepper(log, "a", 3), _stepper(log, "b", 3, fail_at=1))
+    assert log == [("a", 0), ("b", 0), ("a", 1), ("a", 2)]  # the other fit was not left waiting
+
+
+def test_every_variant_runs_in_lockstep_with_a_baseline_run_alternating_which_starts() -> None:
+    log: list[tuple[str, int]] = []
+    calls = {name: _stepper(log, name, 2) for name in ("base", "a", "b")}
+    results = paired_in_lockstep(calls, "base", repeats=3)
     assert set(results) == {"base", "a", "b"}
     for name in ("a", "b"):
-        assert len(results[name]) == 3
-        for round_index, ((variant, at), (base, base_at)) in enumerate(results[name]):
-            assert (variant, base) == (name, "base")
-            assert abs(at - base_at) == 1  # right beside each other
-            assert (base_at < at) == (round_index % 2 == 0)  # baseline first in even rounds, second in odd ones
-    assert len(results["base"]) == 6 and all(v == b for v, b in results["base"])
-    assert log.count("base") == 6 and log.count("a") == log.count("b") == 3
-    assert log[1] == "a" and log[4] == "b"  # the variants' order rotates each round (b, then a, in round 1)
+        assert results[name] == [(name, "base")] * 3
+    assert len(results["base"]) == 6 and all(v == b == "base" for v, b in results["base"])
+    pairs = [log[i:i + 4] for i in range(0, len(log), 4)]  # one pair of 2-step fits each
+    assert len(pairs) == 6
+    for index, pair in enumerate(pairs):
+        round_index = index // 2
+        first, second = pair[0][0], pair[1][0]
+        assert (first == "base") == (round_index % 2 == 0)  # the baseline starts in even rounds
+        assert [n for n, _ in pair] == [first, second, first, second]
+    assert [p[0][0] if p[0][0] != "base" else p[1][0] for p in pairs] == ["a", "b", "b", "a", "a", "b"]  # rotated
+
+
+def test_two_lightning_fits_run_in_lockstep_threads() -> None:
+    """The overhead benchmark's fits (``run_once`` with a ``CPUStepTimer`` that hands over after every batch) run
+    side by side in two threads: both complete with every step interval timed."""
+    from benchmarks.overhead import run_once
+    from lightning_techniques.demo import DeepMLP
+
+    def fit(lockstep: Lockstep, me: int):  # type: ignore[no-untyped-def]
+        return run_once(lambda: DeepMLP(depth=2, width=32), [], 1, (lockstep, me))
+
+    first, second = Lockstep().run(fit, fit)
+    assert first["steps"] == second["steps"] > 10
+    assert all(t > 0 for t in first["cpu_steps"] + second["cpu_steps"])
 
 
 def test_instrumented_hooks_are_dispatched_as_the_techniques_own() -> None:

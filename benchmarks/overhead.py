@@ -417,6 +417,28 @@ def warm_loop_us(call: Callable[[], Any], n: int = 2000) -> float:
     return (time.thread_time() - start) / n * 1e6
 
 
+def plain_loop_after_backward_us(make_model: Callable[[], L.LightningModule], steps: int = 300) -> float:
+    """The trivial op of :class:`ColdPathProbe` right after ``loss.backward()`` in a plain PyTorch loop (forward,
+    loss, backward, op, SGD step on one digits batch; no Lightning), median CPU time over the steps after 50: how
+    much of the cold start after backward the model's own kernels cause, whatever runs around them."""
+    L.seed_everything(0, verbose=False)
+    model = make_model()
+    data = DigitsDataModule(batch_size=64)
+    data.setup("fit")
+    x, y = next(iter(data.train_dataloader()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    buffer = torch.zeros(())
+    times = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        start = time.thread_time()
+        buffer.add_(1.0)
+        times.append(time.thread_time() - start)
+        optimizer.step()
+    return statistics.median(times[50:]) * 1e6
+
+
 def cold_rows(epochs: int = 8) -> list[dict[str, Any]]:
     """The same calls in the trainer right after backward and in a warm loop, per model (median over steps)."""
     from lightning_techniques.optim.clipping import _AGCPlan
@@ -440,6 +462,11 @@ def cold_rows(epochs: int = 8) -> list[dict[str, Any]]:
             rows.append({"model": model_name.split(" (")[0], "call": label,
                          "in the trainer, after backward (us)": statistics.median(times[10:]) * 1e6,
                          "warm loop (us)": "" if warm_us is None else warm_us})
+        rows.append({"model": model_name.split(" (")[0],
+                     "call": "trivial op, first after backward, in a plain PyTorch loop (no Lightning)",
+                     "in the trainer, after backward (us)": "",
+                     "warm loop (us)": "",
+                     "plain loop, after backward (us)": plain_loop_after_backward_us(make_model)})
     return rows
 
 
@@ -614,7 +641,9 @@ def main() -> None:
         + "\n\nWhy the same work costs more in the trainer than in a loop: right after the backward pass the code of "
         "the first operations is cold (evicted from the CPU caches by the backward kernels). The same calls timed in "
         "the trainer's `on_before_optimizer_step` (a probe callback, median over steps) and in a warm loop on the same "
-        "model's gradients:\n\n"
+        "model's gradients; the last row of each model times the trivial op right after `loss.backward()` in a plain "
+        "PyTorch loop without Lightning (the share of the cold start the model's own backward kernels cause - the "
+        "CNN's convolutions far more than the MLP's matrix products):\n\n"
         + markdown_table(cold)
         + "\n\nWhat one logging step costs: publishing the stack's ~12 scalars through `pl_module.log` (each call goes "
         "through Lightning's result collection) and through the techniques' `write_step_metrics` (the same places - "

@@ -135,7 +135,7 @@ def wrap_step_hooks(callback: Callback, wrap: Callable[[Callable[..., Any]], Cal
 
 
 class CPUStepTimer(Callback):
-    """Batch-end to batch-end intervals in main-thread CPU time and in wall time (none across an epoch start), and
+    """Batch-end to batch-end intervals in the CPU time of the fit's thread and in wall time (none across an epoch start), and
     the CPU time spent inside the techniques' own per-step hooks and batch transforms in each interval."""
 
     def __init__(self, turns: tuple[Lockstep, int] | None = None) -> None:
@@ -615,12 +615,12 @@ def main() -> None:
         f"{', '.join(STACKED)}. Machine load (1/5/15-min averages) before: "
         f"{', '.join(f'{v:.2f}' for v in load_before)}; after: {', '.join(f'{v:.2f}' for v in load_after)} "
         f"(shared 2-core machine). Benchmark process: {cpu_total:.0f} s CPU, {wall_total:.0f} s wall.\n\n"
-        "CPU = main-thread CPU time (`time.thread_time`) per step, the issue's measure. Headline: 'CPU ratio "
+        "CPU = CPU time of the fit's own thread (`time.thread_time`) per step, the issue's measure. Headline: 'CPU ratio "
         "(paired)' = median over rounds of (25th percentile of the variant's step times in its run) / (the same in "
         "its bare-Trainer partner): the two runs' steps alternate ~10 ms apart on the same core, so a slow phase of "
         "the shared machine slows both alike, the median discards pairs a disturbance hit unevenly, the low "
-        "percentile within a run skips single disturbed steps; the A/A row (the bare Trainer paired with itself) shows the floor, the middle half "
-        "of the paired ratios their spread. The low percentile also leaves out what a technique does only now and then "
+        "percentile within a run skips single disturbed steps; the A/A row (the bare Trainer paired with itself) "
+        "shows the floor, the middle half of the paired ratios their spread. The low percentile also leaves out what a technique does only now and then "
         "- the logging steps (every `log_every_n_steps` steps and the run's last: 2 of the 57 intervals here) -; "
         "'CPU ratio (paired, mean of all steps)' counts every step (median over rounds of mean / mean of the pair), "
         "and is what a run costs in total. Beside it the earlier estimate, the 10th percentile of all the variant's "

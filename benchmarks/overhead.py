@@ -1,5 +1,5 @@
 """Per-step overhead of every step-wise technique vs. a bare Trainer, alone and all stacked, on the demo CNN and a
-tiny MLP (digits, batch 64), measured as main-thread CPU time per step beside wall time.
+tiny MLP (digits, batch 64), measured as CPU time per step (of the thread running the fit) beside wall time.
 
     python -m benchmarks.overhead [--repeats 5] [--epochs 3]
 
@@ -642,8 +642,8 @@ def main() -> None:
         "the first operations is cold (evicted from the CPU caches by the backward kernels). The same calls timed in "
         "the trainer's `on_before_optimizer_step` (a probe callback, median over steps) and in a warm loop on the same "
         "model's gradients; the last row of each model times the trivial op right after `loss.backward()` in a plain "
-        "PyTorch loop without Lightning (the share of the cold start the model's own backward kernels cause - the "
-        "CNN's convolutions far more than the MLP's matrix products):\n\n"
+        "PyTorch loop without Lightning (one batch, SGD): how much of the cold start the backward pass causes by "
+        "itself, whatever framework runs around it:\n\n"
         + markdown_table(cold)
         + "\n\nWhat one logging step costs: publishing the stack's ~12 scalars through `pl_module.log` (each call goes "
         "through Lightning's result collection) and through the techniques' `write_step_metrics` (the same places - "
